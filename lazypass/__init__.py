@@ -1,0 +1,22 @@
+"""lazypass: LazyDiT as a compiler pass. Learned in-graph skip gates for diffusion transformers."""
+
+from lazypass.config import LazyConfig
+from lazypass.gates import LazyGates
+from lazypass.passes import NoSitesError, Site
+from lazypass.report import Stats, report, stats
+from lazypass.runtime import apply, reset, set_threshold, trajectory
+
+__all__ = [
+    "LazyConfig",
+    "LazyGates",
+    "NoSitesError",
+    "Site",
+    "Stats",
+    "apply",
+    "report",
+    "reset",
+    "set_threshold",
+    "stats",
+    "trajectory",
+]
+__version__ = "0.1.0"

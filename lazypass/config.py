@@ -1,0 +1,92 @@
+"""``LazyConfig``: every option of lazypass in one frozen dataclass."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LazyConfig:
+    """Options of the lazy pass (LazyDiT, Shen et al., AAAI 2025, arXiv 2412.12444).
+
+    Args:
+        rho: lazy-penalty weight of the paper's eq. (5), used for both kinds of site
+            unless ``rho_attn`` / ``rho_ffn`` are given.
+        rho_attn: penalty for attention sites (defaults to ``rho``).
+        rho_ffn: penalty for MLP sites (defaults to ``rho``).
+        threshold: a sample skips a branch when its gate score is above this (0.5 in the
+            paper). Above 1 nothing skips; below 0 everything skips once caches are valid.
+        calls_per_step: how many model calls may share one timestep with their own
+            caches (2 covers pipelines that run the conditional and unconditional
+            passes separately). Further calls at the same timestep compute in full.
+        timestep_arg: name of the forward argument that carries the timestep; by default
+            the input that feeds the sinusoidal timestep embedding is found in the graph.
+        cache_dtype: dtype caches are kept in ("float16", "bfloat16"), default the
+            branch output dtype.
+        min_site_macs: branches with fewer multiply-accumulates per call are left alone.
+
+    Example:
+        >>> LazyConfig(rho=1e-2).rho_attn
+        0.01
+    """
+
+    rho: float = 1e-2
+    rho_attn: float | None = None
+    rho_ffn: float | None = None
+    threshold: float = 0.5
+    calls_per_step: int = 2
+    timestep_arg: str | None = None
+    cache_dtype: str | None = None
+    min_site_macs: int = 0
+    extra: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.rho_attn is None:
+            object.__setattr__(self, "rho_attn", self.rho)
+        if self.rho_ffn is None:
+            object.__setattr__(self, "rho_ffn", self.rho)
+        for name in ("rho", "rho_attn", "rho_ffn"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        check_threshold(self.threshold)
+        if not isinstance(self.calls_per_step, int) or self.calls_per_step < 1:
+            raise ValueError(f"calls_per_step must be an int >= 1, got {self.calls_per_step!r}")
+        if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
+            raise ValueError(f"cache_dtype must be one of {sorted(_DTYPES)} or None, got {self.cache_dtype!r}")
+
+    @property
+    def cache_torch_dtype(self) -> torch.dtype | None:
+        return _DTYPES.get(self.cache_dtype) if self.cache_dtype else None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_options(cls, **options) -> "LazyConfig":
+        """Build a config from keyword options, refusing unknown ones."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown lazypass option(s) {unknown}; known options are {sorted(known)}")
+        return cls(**options)
+
+
+def check_threshold(threshold) -> float:
+    """Thresholds are compared with sigmoid scores in (0, 1); values outside [-1, 2] are typos."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    if not -1.0 <= threshold <= 2.0:
+        raise ValueError(
+            f"threshold {threshold} is outside [-1, 2]: gate scores lie in (0, 1), so use a value in "
+            "(0, 1) to gate, > 1 (e.g. 1.5) to never skip, or < 0 (e.g. -0.5) to always skip"
+        )
+    return float(threshold)

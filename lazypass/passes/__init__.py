@@ -1,0 +1,26 @@
+"""The lazy passes, in the order they run. Each is ``pass_(gm, cfg) -> gm``."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from lazypass.config import LazyConfig
+from lazypass.passes.insert_gates import insert_gates
+from lazypass.passes.match_sites import Match, NoSitesError, Site, match_sites
+from lazypass.passes.strip_asserts import strip_asserts
+
+ANALYSIS = [strip_asserts, match_sites]
+INFERENCE = [insert_gates]
+
+
+def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
+    """Run ``passes`` in order, then clean up (lint, recompile) once."""
+    for pass_ in passes:
+        gm = pass_(gm, cfg)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "strip_asserts",
+           "Site", "Match", "NoSitesError"]

@@ -1,0 +1,360 @@
+"""Find the lazy sites of a transformer graph by the shape of its dataflow.
+
+A site is a residual branch ``h = x + g * F(Z)`` with ``Z = modulate(norm(x))``.  We
+never look at module classes or names.  Instead, for every add whose two operands have
+the output's shape and where one operand ``x`` is an ancestor of the other ``br``:
+
+* the *region* is every node on a path from ``x`` to ``br``; it must contain a heavy op
+  (linear, matmul, einsum, sdpa, conv), otherwise the add is an elementwise detail such
+  as a tanh-GELU or a modulation;
+* ``Z`` (what the gate reads, and where the skippable part starts) is the nearest node
+  that dominates every heavy op of the region when paths start at ``x``: norm and
+  modulation come before it, and all heavy work after it;
+* ``Y`` (the branch output that gets cached) is the nearest node that post-dominates
+  every heavy op on the way to ``br``: the adaLN gate multiply and the add stay outside.
+
+``F`` is then every node between ``Z`` and ``Y``, plus the nodes only ``F`` uses (the
+key/value projections of a text context in cross-attention).  Whatever else ``F`` reads
+becomes an operand of the conditional.  Two candidates that share heavy ops (joint
+text/image attention, where one sdpa feeds two residual streams) become one site with
+several streams.  A candidate whose region holds another candidate's residual add is an
+outer wrapper around a block, not a branch, and is dropped in favour of the inner ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from lazypass.config import LazyConfig
+from lazypass.ops import is_heavy, macs, op_kind, shape, value
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Site:
+    """A lazy site as ``report`` shows it.
+
+    ``tokens``/``dims`` give the gate input ``Z`` of each stream (tokens x hidden dim);
+    ``macs`` are multiply-accumulates of the skippable branch per call (whole batch);
+    ``cache_bytes`` is the memory of its caches (all call slots).
+    """
+
+    index: int
+    kind: str
+    path: str
+    tokens: tuple[int, ...]
+    dims: tuple[int, ...]
+    out_shapes: tuple[tuple[int, ...], ...]
+    macs: int
+    cache_bytes: int
+
+
+@dataclass
+class Stream:
+    x: fx.Node
+    z: fx.Node
+    y: fx.Node
+    add: fx.Node
+
+
+@dataclass
+class Match:
+    """A site while the passes work on it: its nodes in the graph being rewritten."""
+
+    kind: str
+    path: str
+    streams: list[Stream]
+    nodes: list[fx.Node]  # F, in graph order
+    macs: int
+    operands: list[fx.Node] = field(default_factory=list)  # what F reads from outside
+
+
+@dataclass
+class _Candidate:
+    x: fx.Node
+    br: fx.Node
+    add: fx.Node
+    region: list[fx.Node]
+    heavy: list[fx.Node]
+    z: fx.Node | None = None
+    y: fx.Node | None = None
+    core: set = field(default_factory=set)
+
+
+class NoSitesError(ValueError):
+    pass
+
+
+def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
+    """Find sites; leaves ``gm.meta["lazypass.matches"]`` and friends, changes no node."""
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    candidates = [c for add in graph.nodes if op_kind(add) == "add" for c in [_candidate(add, order)] if c]
+    adds = {c.add for c in candidates}
+    candidates = [c for c in candidates if not any(n in adds for n in c.region if n is not c.br)]
+    candidates = [c for c in candidates if _split(c, order)]
+
+    groups = _merge(candidates)
+    claimed: set[fx.Node] = set()
+    protected = adds | {c.z for c in candidates}
+    matches = []
+    for group in sorted(groups, key=lambda g: min(order[c.add] for c in g)):
+        m = _build(group, order, claimed, protected, cfg)
+        if m is not None:
+            matches.append(m)
+            claimed.update(m.nodes)
+
+    gm.meta["lazypass.matches"] = matches
+    gm.meta["lazypass.model_macs"] = sum(macs(n) for n in graph.nodes)
+    gm.meta["lazypass.timestep"] = find_timestep(gm, cfg)
+    log.info("match_sites: %d sites (%s)", len(matches), ", ".join(m.kind for m in matches))
+    if not matches:
+        raise NoSitesError(
+            "lazypass found no sites: it looks for residual branches h = x + g * F(Z) whose branch F "
+            "holds a linear/matmul/attention op on the hidden stream (attention or MLP of a transformer "
+            "block), and found none in this graph. Is this a transformer? If its blocks are behind a "
+            "custom op, export it with the blocks traceable."
+        )
+    return gm
+
+
+def _candidate(add: fx.Node, order) -> _Candidate | None:
+    out = shape(add)
+    operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    if out is None or len(operands) != 2 or len(out) < 2:
+        return None
+    for x, br in (operands, operands[::-1]):
+        if shape(x) != out or shape(br) != out:
+            continue
+        region = _between(x, br, order)
+        if region is None:
+            continue
+        heavy = [n for n in region if is_heavy(n)]
+        if heavy:
+            return _Candidate(x, br, add, region, heavy)
+    return None
+
+
+def _between(x: fx.Node, br: fx.Node, order) -> list[fx.Node] | None:
+    """Nodes on a path from ``x`` to ``br`` (``x`` excluded), or None if there is none."""
+    lo = order[x]
+    back, stack = {br}, [br]
+    while stack:
+        for p in stack.pop().all_input_nodes:
+            if p not in back and order[p] > lo:
+                back.add(p)
+                stack.append(p)
+    seen, stack = set(), [x]
+    while stack:
+        for u in stack.pop().users:
+            if u in back and u not in seen:
+                seen.add(u)
+                stack.append(u)
+    if br not in seen:
+        return None
+    return sorted(seen, key=order.__getitem__)
+
+
+def _split(c: _Candidate, order) -> bool:
+    """Place Z (nearest common dominator of the heavy ops) and Y (post-dominator)."""
+    inside = set(c.region)
+    dom = {c.x: {c.x}}
+    for n in c.region:
+        preds = [dom[p] for p in n.all_input_nodes if p in dom]
+        dom[n] = set.intersection(*preds) | {n}
+    common = set.intersection(*(dom[h] for h in c.heavy)) - set(c.heavy)
+    batch = shape(c.x)[0]
+    zs = [n for n in sorted(common, key=order.__getitem__, reverse=True) if _batched(n, batch)]
+    if not zs:
+        return False
+    c.z = zs[0]
+
+    pdom = {c.br: {c.br}}
+    for n in reversed(c.region[:-1]):
+        succ = [pdom[u] for u in n.users if u in pdom]
+        pdom[n] = (set.intersection(*succ) if succ else set()) | {n}
+    common = set.intersection(*(pdom[h] for h in c.heavy))
+    ys = [n for n in sorted(common, key=order.__getitem__) if _batched(n, batch)]
+    if not ys:
+        return False
+    c.y = ys[0]
+
+    # F core: on a path from Z to Y.
+    down, stack = set(), [c.z]
+    while stack:
+        for u in stack.pop().users:
+            if u in inside and u not in down and order[u] <= order[c.y]:
+                down.add(u)
+                stack.append(u)
+    up, stack = {c.y}, [c.y]
+    while stack:
+        for p in stack.pop().all_input_nodes:
+            if p in down and p not in up:
+                up.add(p)
+                stack.append(p)
+    c.core = up
+    return True
+
+
+def _batched(node: fx.Node, batch: int) -> bool:
+    s = shape(node)
+    return s is not None and len(s) >= 2 and s[0] == batch and value(node).is_floating_point()
+
+
+def _merge(candidates: list[_Candidate]) -> list[list[_Candidate]]:
+    """Group candidates whose skippable cores share a heavy op (joint attention)."""
+    groups: list[list[_Candidate]] = []
+    for c in candidates:
+        heavy = {n for n in c.core if is_heavy(n)}
+        hit = [g for g in groups if any(heavy & {n for n in o.core if is_heavy(n)} for o in g)]
+        merged = [c] + [o for g in hit for o in g]
+        groups = [g for g in groups if g not in hit] + [merged]
+    return groups
+
+
+def _build(group, order, claimed, protected, cfg: LazyConfig) -> Match | None:
+    group = sorted(group, key=lambda c: order[c.add])
+    nodes = set().union(*(c.core for c in group))
+    if nodes & claimed:
+        return None
+    zs = {c.z for c in group}
+    # Pull in what only F uses (e.g. the key/value projections of a text context).
+    changed = True
+    while changed:
+        changed = False
+        for n in list(nodes):
+            for p in n.all_input_nodes:
+                if (
+                    p not in nodes
+                    and p.op == "call_function"
+                    and p not in protected
+                    and p not in zs
+                    and p not in claimed
+                    and all(u in nodes for u in p.users)
+                ):
+                    nodes.add(p)
+                    changed = True
+    ys = {c.y for c in group}
+    for n in nodes:
+        if n not in ys and any(u not in nodes for u in n.users):
+            log.info("match_sites: skip branch at %s: %s is used outside the branch", group[0].add, n)
+            return None
+    ordered = sorted(nodes, key=order.__getitem__)
+    operands = []
+    for n in ordered:
+        for p in n.all_input_nodes:
+            if p not in nodes and p not in operands:
+                if value(p) is None:
+                    log.info("match_sites: skip branch at %s: reads non-tensor %s", group[0].add, p)
+                    return None
+                operands.append(p)
+    total = sum(macs(n) for n in ordered)
+    if total < cfg.min_site_macs:
+        return None
+    kind = "attn" if _has_attention(ordered) else "ffn"
+    streams = [Stream(c.x, c.z, c.y, c.add) for c in group]
+    return Match(kind, _path([n for n in ordered if is_heavy(n)]), streams, ordered, total, operands)
+
+
+def _has_attention(nodes: list[fx.Node]) -> bool:
+    kinds = [op_kind(n) for n in nodes]
+    if "sdpa" in kinds:
+        return True
+    # softmax between two matmuls (or einsums): hand-written attention
+    for i, k in enumerate(kinds):
+        if k == "softmax":
+            before = any(kk in ("matmul", "einsum") for kk in kinds[:i])
+            after = any(kk in ("matmul", "einsum") for kk in kinds[i + 1 :])
+            if before and after:
+                return True
+    return False
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module a node came from ("" if unknown)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
+    path = re.sub(r"^(model|_modules\['model'\])\.", "", path)  # our capture wrapper
+    return path.lstrip(".")
+
+
+def _path(heavy: list[fx.Node]) -> str:
+    paths = [module_path(n).split(".") for n in heavy if module_path(n)]
+    if not paths:
+        return "?"
+    common = []
+    for parts in zip(*paths):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) or "<root>"
+
+
+def find_timestep(gm: fx.GraphModule, cfg: LazyConfig) -> fx.Node | None:
+    """The input that feeds a sinusoidal embedding (sin/cos), i.e. the timestep."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if cfg.timestep_arg is not None:
+        for n in placeholders:
+            if n.target == cfg.timestep_arg or n.name in (cfg.timestep_arg, f"L_{cfg.timestep_arg}_"):
+                return n
+        raise ValueError(
+            f"timestep_arg={cfg.timestep_arg!r} is not an input of the traced model; its inputs are "
+            f"{[n.target for n in placeholders]}"
+        )
+    found = []
+    for ph in placeholders:
+        if value(ph) is None:
+            continue
+        seen, stack = {ph}, [ph]
+        while stack:
+            n = stack.pop()
+            if op_kind(n) in ("sin", "cos"):
+                found.append(ph)
+                break
+            for u in n.users:
+                if u not in seen and (value(u) is None or value(u).numel() <= 1 << 20):
+                    seen.add(u)
+                    stack.append(u)
+    if not found:
+        return None
+    named = [n for n in found if "timestep" in n.name or n.name in ("t", "L_t_")]
+    return (named or found)[0]
+
+
+def site_records(gm: fx.GraphModule, cfg: LazyConfig, batch: int) -> list[Site]:
+    """Report-ready records of the matches in ``gm.meta``."""
+    out = []
+    for i, m in enumerate(gm.meta["lazypass.matches"]):
+        zshapes = [shape(s.z) for s in m.streams]
+        yvals = [value(s.y) for s in m.streams]
+        dtype = cfg.cache_torch_dtype
+        nbytes = sum(
+            math.prod(v.shape) * (dtype.itemsize if dtype else v.dtype.itemsize) for v in yvals
+        ) * cfg.calls_per_step
+        out.append(
+            Site(
+                index=i,
+                kind=m.kind,
+                path=m.path,
+                tokens=tuple(math.prod(z[1:-1]) for z in zshapes),
+                dims=tuple(z[-1] for z in zshapes),
+                out_shapes=tuple(tuple(v.shape) for v in yvals),
+                macs=m.macs,
+                cache_bytes=int(nbytes),
+            )
+        )
+    return out
+
+
+__all__ = ["Site", "Match", "Stream", "match_sites", "find_timestep", "site_records", "NoSitesError"]

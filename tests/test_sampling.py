@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from lazypass.models import tiny_dit
+from lazypass.sampling import ALPHAS_CUMPROD, add_noise, alphas_cumprod, ddim_sample, ddim_timesteps
+
+
+def test_schedule():
+    abar = alphas_cumprod()
+    assert abar.dtype == torch.float64 and abar.shape == (1000,)
+    betas = 1 - abar / torch.cat([abar.new_ones(1), abar[:-1]])
+    torch.testing.assert_close(betas[[0, -1]], torch.tensor([1e-4, 0.02], dtype=torch.float64))
+    assert torch.equal(abar, ALPHAS_CUMPROD)
+
+
+def test_timesteps():
+    assert ddim_timesteps(10) == list(range(900, -1, -100))
+    assert ddim_timesteps(20) == list(range(950, -1, -50))
+    assert ddim_timesteps(7) == [i * 142 for i in range(6, -1, -1)]
+    with pytest.raises(ValueError):
+        ddim_timesteps(0)
+
+
+def test_add_noise():
+    x0, noise = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3)
+    t = torch.tensor([10, 700])
+    out = add_noise(x0, noise, t)
+    for i in range(2):
+        a = ALPHAS_CUMPROD[t[i]].item()
+        torch.testing.assert_close(out[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * noise[i])
+    torch.testing.assert_close(add_noise(x0, noise, 10)[0], out[0])
+
+
+def test_zero_eps_closed_form():
+    calls = []
+
+    def model_fn(x, t, cond):
+        calls.append(t.clone())
+        return torch.zeros(x.shape[0], 2 * x.shape[1], *x.shape[2:])
+
+    noise = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    seen = []
+    out = ddim_sample(model_fn, noise, 10, callback=lambda i, t, x: seen.append((i, t, x)))
+    # eps = 0: each step scales x by sqrt(abar_prev / abar_t); telescoped with abar_final = 1
+    torch.testing.assert_close(out, noise / ALPHAS_CUMPROD[900].sqrt())
+    i, t, x = seen[0]
+    assert (i, t) == (0, 900)
+    torch.testing.assert_close(x, noise * (ALPHAS_CUMPROD[800] / ALPHAS_CUMPROD[900]).sqrt())
+    assert [t for _, t, _ in seen] == ddim_timesteps(10)
+    assert all(c.dtype == torch.long and c.shape == (2,) for c in calls)
+    assert [int(c[0]) for c in calls] == ddim_timesteps(10)
+
+
+def _tiny_fn():
+    model = tiny_dit()
+    return model, lambda x, t, y: model(x, t, y)
+
+
+def test_guidance_one_equals_no_guidance():
+    model, fn = _tiny_fn()
+    noise, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
+    plain = ddim_sample(fn, noise, 5, cond=y)
+    guided = ddim_sample(fn, noise, 5, cond=y, guidance_scale=1.0, null_cond=torch.tensor(10))
+    assert torch.equal(plain, guided)
+
+
+def test_split_cfg_equals_batched_cfg():
+    model, fn = _tiny_fn()
+    batches = []
+
+    def recording(x, t, y):
+        batches.append(x.shape[0])
+        return fn(x, t, y)
+
+    noise, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 4, 9])
+    kw = dict(cond=y, guidance_scale=4.0, null_cond=torch.tensor(10))
+    batched = ddim_sample(recording, noise, 5, **kw)
+    assert batches == [6] * 5
+    batches.clear()
+    split = ddim_sample(recording, noise, 5, split_cfg=True, **kw)
+    assert batches == [3] * 10
+    torch.testing.assert_close(split, batched, rtol=0, atol=1e-6)
+    assert not torch.allclose(batched, ddim_sample(fn, noise, 5, cond=y), atol=1e-4)
+
+
+def test_guidance_needs_null_cond():
+    with pytest.raises(ValueError, match="null_cond"):
+        ddim_sample(lambda x, t, c: x, torch.zeros(1, 4, 2, 2), 2, cond=torch.tensor([1]), guidance_scale=2.0)
+
+
+def test_learned_sigma_false_checks_channels():
+    noise = torch.zeros(1, 4, 2, 2)
+    out = ddim_sample(lambda x, t, c: torch.zeros_like(x), noise, 2, learned_sigma=False)
+    assert out.shape == noise.shape
+    with pytest.raises(ValueError, match="channels"):
+        ddim_sample(lambda x, t, c: torch.cat([x, x], 1), noise, 2, learned_sigma=False)
+
+
+def _gaussian_eps(mu: float, sigma: float):
+    """Exact E[eps | x_t] for data x0 ~ N(mu, sigma^2) per coordinate."""
+
+    def eps(x, t, cond):
+        a = ALPHAS_CUMPROD[t].to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+        return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * sigma**2 + 1 - a)
+
+    return eps
+
+
+def test_ddim_gaussian_toy_converges():
+    mu, sigma = 0.5, 0.3
+    fn = _gaussian_eps(mu, sigma)
+    # With the exact eps, DDIM is a first-order solver of the probability-flow ODE, whose
+    # solution here is affine: x0 = mu + sigma * (x_T - sqrt(a) mu) / sqrt(a sigma^2 + 1 - a),
+    # a = abar at the first timestep. DDIM's map is affine too, so probe it at x_T = 0 and 1.
+    errors = []
+    for steps in (10, 50, 250):
+        a = ALPHAS_CUMPROD[ddim_timesteps(steps)[0]].item()
+        scale = sigma / math.sqrt(a * sigma**2 + 1 - a)
+        probe = torch.tensor([0.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1)
+        out = ddim_sample(fn, probe, steps, learned_sigma=False).flatten()
+        errors.append(abs(out[0].item() - (mu - scale * math.sqrt(a) * mu)) + abs((out[1] - out[0]).item() - scale))
+    assert errors[0] > 3 * errors[1] > 9 * errors[2]
+    assert errors[2] < 8e-3
+
+    noise = torch.randn(4096, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    samples = ddim_sample(fn, noise, 500, learned_sigma=False)
+    assert abs(samples.mean().item() - mu) < 0.01
+    assert abs(samples.std().item() / sigma - 1) < 0.02

@@ -7,9 +7,9 @@ import torch.fx as fx
 from lazypass.config import LazyConfig
 from lazypass.passes.insert_gates import insert_gates
 from lazypass.passes.match_sites import Match, NoSitesError, Site, match_sites
-from lazypass.passes.strip_asserts import strip_asserts
+from lazypass.passes.prune import prune
 
-ANALYSIS = [strip_asserts, match_sites]
+ANALYSIS = [prune, match_sites]
 INFERENCE = [insert_gates]
 
 
@@ -22,5 +22,5 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "strip_asserts",
+__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "prune",
            "Site", "Match", "NoSitesError"]

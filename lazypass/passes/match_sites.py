@@ -283,9 +283,11 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
+    path = re.sub(r"__dict__\['_modules'\]\['([^']+)'\]", r"\1", path)  # dynamo
+    path = re.sub(r"_modules\['([^']+)'\]", r"\1", path)
     path = re.sub(r"^L\['self'\]\.?|^L__self___?", "", path)
-    path = re.sub(r"\[(\d+)\]", r".\1", path).replace("._modules['", ".").replace("']", "")
-    path = re.sub(r"^(model|_modules\['model'\])\.", "", path)  # our capture wrapper
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"^model\.", "", path)  # our capture wrapper
     return path.lstrip(".")
 
 

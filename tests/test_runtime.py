@@ -1,0 +1,152 @@
+"""Behaviour of a lazy model over short trajectories, on five tiny architectures."""
+
+import copy
+
+import pytest
+import torch
+
+import lazypass
+from tests.archs import ARCHS
+
+TIMESTEPS = (900, 600, 300)
+
+
+@pytest.fixture(params=sorted(ARCHS))
+def arch(request):
+    return ARCHS[request.param]
+
+
+def _run(model, arch, batch, t, seed=0):
+    args, kwargs = arch.inputs(batch, t, seed)
+    with torch.no_grad():
+        return arch.output(model(*args, **kwargs))
+
+
+def _lazy(arch, **options):
+    model = arch.build()
+    ref = copy.deepcopy(model)
+    return lazypass.apply(model, **options), ref
+
+
+def _random_gates(model, seed=1, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lazy_gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_finds_expected_site_kinds(arch):
+    model, _ = _lazy(arch)
+    args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
+    sites = lazypass.report(model, *args, print_table=False, **kwargs)
+    assert [s.kind for s in sites] == arch.kinds
+    assert all(s.macs > 0 and s.cache_bytes > 0 for s in sites)
+
+
+def test_threshold_above_one_reproduces_original(arch):
+    model, ref = _lazy(arch)
+    lazypass.set_threshold(model, 1.5)
+    for t in TIMESTEPS:
+        out = _run(model, arch, 2, t)
+        _random_gates(model)  # gates with any values: never skip above 1
+        assert (out - _run(ref, arch, 2, t)).abs().max() <= 1e-5
+    assert not lazypass.stats(model).skipped.any()
+
+
+def _reuse_reference(ref, arch, batch):
+    """Step 1 in full, step 2 with every branch module returning its step-1 output (hooks)."""
+    recorded, handles = {}, []
+    replay = [False]
+
+    def hook(name):
+        def fn(module, inputs, output):
+            if replay[0]:
+                return recorded[name]
+            recorded[name] = output
+        return fn
+
+    for name in arch.branches:
+        handles.append(ref.get_submodule(name).register_forward_hook(hook(name)))
+    _run(ref, arch, batch, TIMESTEPS[0], seed=0)
+    replay[0] = True
+    out = _run(ref, arch, batch, TIMESTEPS[1], seed=1)
+    for h in handles:
+        h.remove()
+    return out
+
+
+def test_threshold_below_zero_reuses_step_one(arch):
+    model, ref = _lazy(arch)
+    lazypass.set_threshold(model, -0.5)
+    first = _run(model, arch, 2, TIMESTEPS[0], seed=0)
+    second = _run(model, arch, 2, TIMESTEPS[1], seed=1)  # new inputs: reuse must show
+    expected = _reuse_reference(ref, arch, 2)
+    assert (second - expected).abs().max() <= 1e-5
+    # and it really differs from computing step 2 in full
+    assert (second - _run(ref, arch, 2, TIMESTEPS[1], seed=1)).abs().max() > 1e-3
+    st = lazypass.stats(model)
+    assert not st.executed[0].any() and st.executed[1].all()
+    assert first.shape == second.shape
+
+
+def test_batch_equals_batch_of_one(arch):
+    model, _ = _lazy(arch)
+    args, kwargs = arch.inputs(4, TIMESTEPS[0], 0)
+    lazypass.report(model, *args, print_table=False, **kwargs)  # trace, creating the gates
+    _random_gates(model)
+    batched = [_run(model, arch, 4, t) for t in TIMESTEPS]
+    st = lazypass.stats(model)
+    # the random gates must produce a mixed batch somewhere, or the test proves nothing
+    mixed = st.skipped.any(axis=2) & ~st.skipped.all(axis=2)
+    assert mixed.any(), "random gates gave no mixed decisions; pick another seed"
+    for i in range(4):
+        with lazypass.trajectory(model):
+            for k, t in enumerate(TIMESTEPS):
+                args, kwargs = arch.inputs(4, t, 0)
+                args = tuple(a[i : i + 1] if torch.is_tensor(a) else a for a in args)
+                kwargs = {n: v[i : i + 1] if torch.is_tensor(v) else v for n, v in kwargs.items()}
+                with torch.no_grad():
+                    single = arch.output(model(*args, **kwargs))
+                assert (batched[k][i : i + 1] - single).abs().max() <= 1e-5
+
+
+def test_rising_timestep_invalidates_caches(arch):
+    if arch.name == "vit":
+        pytest.skip("the plain ViT has no timestep input")
+    model, ref = _lazy(arch)
+    lazypass.set_threshold(model, -0.5)
+    _run(model, arch, 2, TIMESTEPS[0])
+    _run(model, arch, 2, TIMESTEPS[1])
+    # a new run starts (timestep goes up): nothing may be reused
+    out = _run(model, arch, 2, TIMESTEPS[0], seed=3)
+    assert (out - _run(ref, arch, 2, TIMESTEPS[0], seed=3)).abs().max() <= 1e-5
+    assert not lazypass.stats(model).skipped[2].any()
+
+
+def test_new_batch_shape_invalidates_caches(arch):
+    model, ref = _lazy(arch)
+    lazypass.set_threshold(model, -0.5)
+    _run(model, arch, 2, TIMESTEPS[0])
+    out = _run(model, arch, 3, TIMESTEPS[1])
+    assert (out - _run(ref, arch, 3, TIMESTEPS[1])).abs().max() <= 1e-5
+    assert not lazypass.stats(model).skipped.any()
+
+
+def test_reset_invalidates_caches(arch):
+    model, ref = _lazy(arch)
+    lazypass.set_threshold(model, -0.5)
+    _run(model, arch, 2, TIMESTEPS[0])
+    lazypass.reset(model)
+    out = _run(model, arch, 2, TIMESTEPS[1])
+    assert (out - _run(ref, arch, 2, TIMESTEPS[1])).abs().max() <= 1e-5
+
+
+def test_graph_has_one_cond_per_site_and_no_host_sync(arch):
+    model, _ = _lazy(arch)
+    args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
+    sites = lazypass.report(model, *args, print_table=False, **kwargs)
+    core = next(iter(lazypass.runtime.runtime(model).programs.values())).core
+    targets = [n.target for n in core.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.higher_order.cond) == len(sites)
+    assert torch.ops.aten._local_scalar_dense.default not in targets
+    assert torch.ops.aten.item.default not in targets

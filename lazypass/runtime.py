@@ -138,9 +138,8 @@ class Runtime:
         )
         with torch.set_grad_enabled(grad):
             outs = prog.core(*leaves, self.threshold_tensor(device), *self.state.tensors)
-        n, k = prog.n_user_outputs, len(prog.state_specs) - 1
-        self.state.tensors = list(outs[n : n + k])
-        self.state.records.append(tuple(outs[n + k :]))
+        n = prog.n_user_outputs  # the core updated the state tensors in place
+        self.state.records.append(tuple(outs[n:]))
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.distributed import all_reduce, sync_mode
 from lazypass.ops import shape, value
 
 aten = torch.ops.aten
@@ -40,6 +41,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     K = cfg.calls_per_step
     batch = shape(matches[0].streams[0].x)[0]
     timestep = gm.meta["lazypass.timestep"]
+    sync = sync_mode(gm, cfg)
 
     output = next(n for n in graph.nodes if n.op == "output")
     user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
@@ -100,9 +102,12 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             valid_row, reads = _read_slot(call, keep, caches, slot)
             valid_now = valid_row if in_range is None else call(aten.logical_and.default, valid_row, in_range)
             reads = [_cast(call, r, value(s.y).dtype) for r, s in zip(reads, m.streams)]
-            score = _score(call, gm, gates, i, m, batch)
+            score = _score(call, gm, gates, i, m, batch, sync)
             want = call(aten.gt.Tensor, score, threshold)
             skip = call(aten.logical_and.default, want, valid_now)
+            if sync is not None:  # a sample skips only where every rank may skip it
+                flags = call(aten._to_copy.default, skip, dtype=torch.int32)
+                skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
             everyone = call(aten.all.default, skip)
             reuse, compute = _branches(gm, m, i)
             cond = call(
@@ -161,25 +166,40 @@ def _read_slot(call, valid, caches, slot):
 
 
 def _write_slot(call, valid, caches, slot, in_range, outs, reads, cfg):
-    new_caches = []
+    new_caches, finite = [], None
     for cache, out, read in zip(caches, outs, reads):
         src = out if in_range is None else call(aten.where.self, in_range, out, read)
         dtype = cfg.cache_torch_dtype
         if dtype is not None:
             src = call(aten._to_copy.default, src, dtype=dtype)
+        ok = _finite_rows(call, src, len(shape(cache)) - 1)
+        finite = ok if finite is None else call(aten.logical_and.default, finite, ok)
         if slot is None:
             new_caches.append(call(aten.unsqueeze.default, src, 0))
         else:
             new_caches.append(call(aten.index_copy.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0)))
+    # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
     if slot is None:
-        return call(aten.ones_like.default, valid), new_caches
+        return call(aten.unsqueeze.default, finite, 0), new_caches
     row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
-    row = call(aten.logical_or.default, row, in_range)
+    row = call(aten.where.self, in_range, finite, row)
     return call(aten.index_copy.default, valid, 0, slot, call(aten.unsqueeze.default, row, 0)), new_caches
 
 
-def _score(call, gm, gates, i, m, batch):
-    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b)."""
+def _finite_rows(call, node, ndim):
+    """(B,) bool: every value of the sample is finite. One fp32 sum per row: NaN and Inf survive
+    a sum, and a sum that overflows only makes a cache row invalid, which is safe."""
+    dims = list(range(1, ndim))
+    if not dims:
+        return call(aten.isfinite.default, call(aten._to_copy.default, node, dtype=torch.float32))
+    return call(aten.isfinite.default, call(aten.sum.dim_IntList, node, dims, False, dtype=torch.float32))
+
+
+def _score(call, gm, gates, i, m, batch, sync=None):
+    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+
+    With tokens sharded over ranks the partial sums are added up across them, which gives
+    every rank the score of the unsharded model."""
     logit = None
     for j, s in enumerate(m.streams):
         zs = shape(s.z)
@@ -187,6 +207,8 @@ def _score(call, gm, gates, i, m, batch):
         w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
+    if sync is not None and sync[0] == "sharded":
+        logit = all_reduce(call, logit, "sum", sync[1])
     b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, i)
     return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
 

@@ -11,6 +11,7 @@ is read on the host and nothing branches in Python on a tensor.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 
 import math
@@ -48,6 +49,7 @@ class Program:
     state_specs: list[tuple[str, tuple[int, ...], torch.dtype]]
     n_user_outputs: int
     has_timestep: bool
+    timestep_index: int | None = None  # which input leaf is the timestep
 
 
 @dataclass
@@ -84,6 +86,7 @@ class Runtime:
         gm, out_spec = capture(self.model, self.forward, args, kwargs)
         gm = run_passes(gm, self.cfg, ANALYSIS)
         matches = gm.meta["lazypass.matches"]
+        timestep_index = _timestep_index(gm, args, kwargs, shape(matches[0].streams[0].x)[0])
         layout = [(m.kind, tuple(shape(s.z)[-1] for s in m.streams)) for m in matches]
         gates = getattr(self.model, "lazy_gates", None)
         if gates is None:
@@ -111,6 +114,7 @@ class Runtime:
             state_specs=gm.meta["lazypass.state_specs"],
             n_user_outputs=gm.meta["lazypass.n_user_outputs"],
             has_timestep=gm.meta["lazypass.timestep"] is not None,
+            timestep_index=timestep_index,
         )
 
     # -- state ---------------------------------------------------------------------
@@ -137,19 +141,28 @@ class Runtime:
 
     # -- calling -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
+        _refuse_python_timestep(self.forward, self.cfg, args, kwargs)
         prog, leaves = self.program_for(args, kwargs)
         device = _device(leaves, self.model)
-        if self.state is None or self.state.key != prog.key:
-            self.state = self.fresh_state(prog, device)
-        self.program = prog
+        state = self.state
+        if state is None or state.key != prog.key:
+            state = self.fresh_state(prog, device)
         grad = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in leaves
         )
-        with torch.set_grad_enabled(grad):
-            core = prog.core if torch.compiler.is_compiling() else prog.eager
-            outs = core(*leaves, self.threshold_tensor(device), *self.state.tensors)
-        n = prog.n_user_outputs  # the core updated the state tensors in place
-        self.state.records.append(tuple(outs[n:]))
+        try:
+            with torch.set_grad_enabled(grad):
+                core = prog.core if torch.compiler.is_compiling() else prog.eager
+                outs = core(*leaves, self.threshold_tensor(device), *state.tensors)
+        except BaseException:
+            # the core updates the state in place, so a call that failed part-way may have
+            # written some caches: that run starts over from empty caches
+            if self.state is state:
+                self.state = None
+            raise
+        n = prog.n_user_outputs
+        state.records.append(tuple(outs[n:]))
+        self.state, self.program = state, prog
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
 
 
@@ -179,6 +192,90 @@ def _device(leaves, model) -> torch.device:
         if isinstance(x, torch.Tensor):
             return x.device
     return next(model.parameters()).device
+
+
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
+
+
+def _refuse_python_timestep(forward, cfg: LazyConfig, args: tuple, kwargs: dict) -> None:
+    """A timestep given as a Python number would be traced as a constant of the graph: every
+    step would retrace and start from empty caches, and an exported graph would hold one
+    fixed step. Refuse it rather than silently never being lazy."""
+    names = (cfg.timestep_arg,) if cfg.timestep_arg else _TIMESTEP_NAMES
+    try:
+        bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = kwargs
+    for name in names:
+        v = bound.get(name)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            raise TypeError(
+                f"{name}={v!r} is a Python number; lazypass needs the timestep as a tensor, e.g. "
+                f"torch.full((batch,), {v!r}) (a number would be traced as a constant, so the model "
+                "could not tell the sampling steps apart)"
+            )
+
+
+def _timestep_index(gm: fx.GraphModule, args: tuple, kwargs: dict, batch: int) -> int | None:
+    """Leaf index of the timestep input; checks its shape is one the step logic understands."""
+    node = gm.meta.get("lazypass.timestep")
+    if node is None:
+        return None
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = placeholders.index(node)
+    leaves, _ = flatten_inputs(args, kwargs)
+    t = leaves[index]
+    if isinstance(t, torch.Tensor) and not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] in (1, batch))):
+        raise ValueError(
+            f"the timestep input {node.target!r} has shape {tuple(t.shape)}; lazypass needs a 0-d "
+            f"tensor, shape (1,) or one timestep per sample, shape ({batch},)"
+        )
+    return index
+
+
+class NotTracedError(RuntimeError):
+    """The lazy model has no traced program for what was asked (nothing to export yet)."""
+
+
+def traced_program(model: nn.Module, *args, **kwargs) -> Program:
+    """The traced and rewritten program of a lazy model, for exporters and inspection.
+
+    Without inputs: the program of the last call (or the only one traced). With inputs:
+    the program traced for exactly their signature. Never traces; if nothing fits,
+    raises :class:`NotTracedError` saying how to trace first.
+
+    Example:
+        >>> import torch, lazypass
+        >>> from lazypass.models import tiny_dit
+        >>> x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([999, 999]), torch.tensor([1, 2])
+        >>> model = lazypass.apply(tiny_dit(), example_inputs=(x, t, y))
+        >>> len(lazypass.runtime.traced_program(model).sites)
+        4
+    """
+    rt = runtime(model)
+    how = (
+        "run the model once on the inputs to export (or pass example_inputs= to lazypass.apply) "
+        "before exporting"
+    )
+    if args or kwargs:
+        leaves, spec = flatten_inputs(args, kwargs)
+        prog = rt.programs.get(signature(model, leaves, spec))
+        if prog is None:
+            raise NotTracedError(
+                f"{type(model).__name__} was not traced for these inputs ({len(rt.programs)} other "
+                f"input signature(s) traced); {how}"
+            )
+        return prog
+    if rt.program is not None:
+        return rt.program
+    if len(rt.programs) == 1:
+        return next(iter(rt.programs.values()))
+    if not rt.programs:
+        raise NotTracedError(f"{type(model).__name__} is lazy but has not been traced yet; {how}")
+    raise NotTracedError(
+        f"{type(model).__name__} was traced for {len(rt.programs)} input signatures and none has run "
+        "yet; pass the example inputs to pick one"
+    )
 
 
 def runtime(model: nn.Module) -> Runtime:

@@ -569,7 +569,7 @@ def _diffusion(model, rt, source, call, channel, T, timesteps, gen):
 
 
 class _Controller:
-    """Multiplicative (integral) control of rho toward a lazy ratio, on the training-time ratio.
+    """Control of log rho toward a lazy ratio, measured on the training rows (fraction of scores above the threshold).
 
     Without a rho from the user, the start is set from the first fidelity so that the lazy
     loss starts at the same size (the useful rho depends on the model's scale: 1e-7 to
@@ -581,6 +581,7 @@ class _Controller:
         base = max(rhos[0], rhos[1])
         self.share = (rhos[0] / base, rhos[1] / base) if base > 0 else (1.0, 1.0)
         self.log_rho = math.log(base) if base > 0 else None
+        self.integral = self.log_rho
         self.auto, self.sites = auto or base == 0, sites
         self.ema: float | None = None
 
@@ -591,14 +592,17 @@ class _Controller:
 
     def start(self, fidelity: float) -> None:
         self.auto = False
-        self.log_rho = math.log(max(fidelity, 1e-12) / (0.5 * self.sites))
+        self.log_rho = self.integral = math.log(max(fidelity, 1e-12) / (0.5 * self.sites))
 
     def update(self, frac: float) -> None:
         self.ema = frac if self.ema is None else 0.9 * self.ema + 0.1 * frac
-        # slow on purpose: the gates follow rho with a lag (Adam momentum), and AdamW's second
-        # moment remembers old gradient sizes, so jumps of rho by orders of magnitude stall it
-        self.log_rho += 0.05 * (self.target - self.ema)
-        self.log_rho = min(max(self.log_rho, math.log(1e-12)), math.log(1e3))
+        err = self.target - self.ema
+        # PI control of log rho. The integral is slow on purpose: the gates follow rho with a
+        # lag (Adam momentum), and AdamW's second moment remembers old gradient sizes, so
+        # jumps of rho by orders of magnitude stall the gates; the proportional term reacts
+        # at once without winding up.
+        self.integral = min(max(self.integral + 0.05 * err, math.log(1e-12)), math.log(1e3))
+        self.log_rho = self.integral + 2.0 * err
 
 
 def _lazy_sampling(model, rt, batches, call, T, guidance_scale, world):

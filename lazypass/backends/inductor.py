@@ -103,12 +103,13 @@ def _lazy_compile(gm: fx.GraphModule, example_inputs: list, cfg: LazyConfig, gat
     """Run the passes on a dynamo graph; the returned callable owns the cache state."""
     from torch._inductor.compile_fx import compile_fx
 
-    gm = run_passes(gm, cfg, ANALYSIS)
+    gm = run_passes(_copy(gm), cfg, ANALYSIS)
     matches = gm.meta["lazypass.matches"]
     layout = [(m.kind, tuple(shape(s.z)[-1] for s in m.streams)) for m in matches]
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     gm.meta["lazypass.gates"] = _load_gates(gates, layout).to(device).requires_grad_(False)
     gm = run_passes(gm, cfg, INFERENCE)
+    _name_new_params(gm)
     state = [torch.tensor(cfg.threshold, dtype=torch.float32, device=device)]
     for name, shp, dtype in gm.meta["lazypass.state_specs"][1:]:
         fill = math.inf if name == "lazy_last_t" else 0
@@ -123,6 +124,38 @@ def _lazy_compile(gm: fx.GraphModule, example_inputs: list, cfg: LazyConfig, gat
 
     run.lazypass_state = state  # for tests and the curious: threshold, last_t, call index, valid, caches
     return run
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new graph over the same modules: dynamo reads the graph it handed over after the
+    backend returns, so the passes must not rewrite that one in place."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    new = fx.GraphModule(gm, graph)
+    new.meta = dict(gm.meta)
+    for old, node in env.items():
+        if hasattr(old, "_dynamo_source"):
+            node._dynamo_source = old._dynamo_source
+    if hasattr(gm, "_param_name_to_source"):
+        new._param_name_to_source = dict(gm._param_name_to_source)
+    return new
+
+
+def _name_new_params(gm: fx.GraphModule) -> None:
+    """AOTAutograd maps every parameter of a dynamo graph back to where dynamo found it;
+    the gate parameters the pass attached have no such place, so give them one."""
+    from torch._dynamo.source import ConstantSource
+
+    known = getattr(gm, "_param_name_to_source", None)
+    if known is None:
+        return
+    for name, _ in [*gm.named_parameters(), *gm.named_buffers()]:
+        if name not in known:
+            known[name] = ConstantSource(f"lazypass_{name}")
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not hasattr(node, "_dynamo_source"):  # the state inputs
+            node._dynamo_source = None
 
 
 def register() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import operator
 import types
 
 import math
@@ -33,10 +34,17 @@ from lazypass.tracing import capture, flatten_inputs, signature
 
 @dataclass
 class Program:
-    """One traced and rewritten graph, specialised to one input signature."""
+    """One traced and rewritten graph, specialised to one input signature.
+
+    ``core`` holds ``torch.ops.higher_order.cond`` nodes and is what compilers and
+    exporters see; ``eager`` is the same graph with each cond calling its branch
+    directly, which is what the HOP itself does in eager mode minus ~0.1 ms of dispatch
+    per call.
+    """
 
     key: tuple
     core: fx.GraphModule
+    eager: fx.GraphModule
     out_spec: object
     sites: list[Site]
     model_macs: int
@@ -117,6 +125,7 @@ class Runtime:
         return Program(
             key=key,
             core=gm,
+            eager=eager_twin(gm),
             out_spec=out_spec,
             sites=sites,
             model_macs=model_macs,
@@ -158,14 +167,41 @@ class Runtime:
         grad = torch.is_grad_enabled() and any(
             isinstance(x, torch.Tensor) and x.requires_grad for x in leaves
         )
-        with torch.set_grad_enabled(grad):
-            outs = prog.core(*leaves, self.threshold_tensor(device), *state.tensors)
-        # commit only after the call succeeded: an exception leaves the previous state intact
-        n, k = prog.n_user_outputs, len(prog.state_specs) - 1
-        state.tensors = list(outs[n : n + k])
-        state.records.append(tuple(outs[n + k :]))
+        try:
+            with torch.set_grad_enabled(grad):
+                core = prog.core if torch.compiler.is_compiling() else prog.eager
+                outs = core(*leaves, self.threshold_tensor(device), *state.tensors)
+        except BaseException:
+            # the core updates the state in place, so a call that failed part-way may have
+            # written some caches: that run starts over from empty caches
+            if self.state is state:
+                self.state = None
+            raise
+        n = prog.n_user_outputs
+        state.records.append(tuple(outs[n:]))
         self.state, self.program = state, prog
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
+
+
+def _direct_cond(pred, true_fn, false_fn, operands):
+    return true_fn(*operands) if pred else false_fn(*operands)
+
+
+def eager_twin(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose cond nodes call the chosen branch directly (eager only).
+
+    Parameters and branch modules are shared with ``gm``, not copied.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    attrs = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            obj = operator.attrgetter(node.target)(gm)
+            attrs[node.target] = eager_twin(obj) if isinstance(obj, fx.GraphModule) else obj
+        elif node.target is torch.ops.higher_order.cond:
+            node.target = _direct_cond
+    return fx.GraphModule(attrs, graph)
 
 
 def _device(leaves, model) -> torch.device:

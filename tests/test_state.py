@@ -97,33 +97,47 @@ def test_rising_timestep_starts_a_new_run_without_reset():
         assert torch.equal(x, y)
 
 
-def test_exception_mid_trajectory_leaves_state_untouched():
-    model = _lazy()
-    ref = _solo(model, seed=0)
-    lazypass.reset(model)
-    _step(model, 0), _step(model, 1)
-    rt = runtime(model)
-    before = [t.clone() for t in rt.state.tensors]
-    prog = rt.program
-    real = prog.core
+def _fail_at_last_site(model):
+    """Make the last site raise while the call runs: earlier sites have already written caches."""
+    prog = runtime(model).program
+    last = len(prog.sites) - 1
+    handles = []
 
-    def interrupted(*args):
-        real(*args)  # the step runs to the end, then something fails (KeyboardInterrupt, OOM...)
+    def boom(module, args):
         raise RuntimeError("interrupted")
 
-    prog.core = interrupted
+    for gm in (prog.eager, prog.core):
+        for name, child in gm.named_children():
+            if name.startswith(f"lazy_site_{last}_"):
+                handles.append(child.register_forward_pre_hook(boom))
+    return handles
+
+
+def test_exception_mid_call_never_leaves_half_updated_caches():
+    model = _lazy()
+    ref = _solo(model, seed=0)
+    plain = copy.deepcopy(model)
+    lazypass.set_threshold(plain, 1.5)  # same weights, never skips: the full model
+    lazypass.reset(model)
+    _step(model, 0), _step(model, 1)
+    handles = _fail_at_last_site(model)
     with pytest.raises(RuntimeError, match="interrupted"):
         _step(model, 2)
-    prog.core = real
-    assert all(torch.equal(a, b) for a, b in zip(before, rt.state.tensors))
-    assert lazypass.stats(model).skipped.shape[0] == 2  # the failed call left no record
-    assert torch.equal(_step(model, 2), ref[2])  # the trajectory goes on as if nothing happened
-    # and reset after an exception gives a clean run
-    prog.core = interrupted
+    for h in handles:
+        h.remove()
+    # caches are updated in place, so the interrupted run is dropped as a whole: the next
+    # call starts from empty caches (computes everything) instead of reading half a step
+    assert runtime(model).state is None
+    assert torch.equal(_step(model, 2), _step(plain, 2))
+    assert not lazypass.stats(model).skipped.any()
+    # reset after an exception, and a clean run equals an uninterrupted one
+    handles = _fail_at_last_site(model)
     with pytest.raises(RuntimeError):
         _step(model, 3)
-    prog.core = real
-    assert torch.equal(_solo(model, seed=0)[3], ref[3])
+    for h in handles:
+        h.remove()
+    lazypass.reset(model)
+    assert all(torch.equal(a, b) for a, b in zip(_solo(model, seed=0), ref))
 
 
 def test_exception_inside_trajectory_restores_outer_state():

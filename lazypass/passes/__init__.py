@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.passes.functionalize import functionalize
 from lazypass.passes.insert_gates import insert_gates
 from lazypass.passes.match_sites import Match, NoSitesError, Site, match_sites
 from lazypass.passes.prune import prune
 
-ANALYSIS = [prune, match_sites]
+ANALYSIS = [functionalize, prune, match_sites]
 INFERENCE = [insert_gates]
 
 
@@ -22,5 +23,5 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "prune",
+__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "prune", "functionalize",
            "Site", "Match", "NoSitesError"]

@@ -71,9 +71,7 @@ def _site_summary(sites) -> str:
 
 def _attn_cover(prog) -> str:
     core = prog.core
-    inside = sum(
-        _attention_ops(getattr(core, f"lazy_site_{i}_compute")) for i in range(len(prog.sites))
-    )
+    inside = sum(_attention_ops(getattr(core, f"lazy_site_{i}_decide").compute) for i in range(len(prog.sites)))
     outside = _attention_ops(core)
     return f"{inside}/{inside + outside}"
 

@@ -336,4 +336,162 @@ ZOO: dict[str, Tiny] = {
 }
 
 
+# ------------------------------------------------------------------------- more of the zoo
+
+def _chroma():
+    return _cls("ChromaTransformer2DModel")(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8, approximator_hidden_dim=16, approximator_layers=1,
+    )
+
+
+def _cogview3():
+    return _cls("CogView3PlusTransformer2DModel")(
+        patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        out_channels=4, text_embed_dim=16, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8,
+        sample_size=8,
+    )
+
+
+def _cogview4():
+    return _cls("CogView4Transformer2DModel")(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        text_embed_dim=16, time_embed_dim=8, condition_dim=2, pos_embed_max_size=8, sample_size=8,
+        rope_axes_dim=(4, 4),
+    )
+
+
+def _cogview_in(b, t, seed):
+    g = _g(seed)
+    size = torch.tensor([[64.0, 64.0]]).repeat(b, 1)
+    return (), dict(hidden_states=_r(g, b, 4, 8, 8), encoder_hidden_states=_r(g, b, 5, 16),
+                    timestep=_t(b, t, False), original_size=size, target_size=size,
+                    crop_coords=torch.zeros(b, 2), return_dict=False)
+
+
+def _hunyuan_video():
+    return _cls("HunyuanVideoTransformer3DModel")(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, guidance_embeds=False,
+        text_embed_dim=16, pooled_projection_dim=12, rope_axes_dim=(2, 2, 4),
+    )
+
+
+def _hunyuan_video_in(b, t, seed):
+    g = _g(seed)
+    return (), dict(hidden_states=_r(g, b, 4, 2, 8, 8), timestep=_t(b, t, False),
+                    encoder_hidden_states=_r(g, b, 5, 16), encoder_attention_mask=torch.ones(b, 5),
+                    pooled_projections=_r(g, b, 12), return_dict=False)
+
+
+def _qwen_image():
+    return _cls("QwenImageTransformer2DModel")(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(2, 2, 4),
+    )
+
+
+def _qwen_image_in(b, t, seed):
+    g = _g(seed)
+    return (), dict(hidden_states=_r(g, b, 16, 16), encoder_hidden_states=_r(g, b, 5, 16),
+                    encoder_hidden_states_mask=torch.ones(b, 5), timestep=_t(b, t, True),
+                    img_shapes=[(1, 4, 4)] * b, return_dict=False)
+
+
+def _flux2():
+    return _cls("Flux2Transformer2DModel")(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, timestep_guidance_channels=8,
+        axes_dims_rope=(2, 2, 2, 2), guidance_embeds=False,
+    )
+
+
+def _flux2_in(b, t, seed):
+    g = _g(seed)
+    img = torch.cat([torch.zeros(16, 1), _ids(4, 4)], 1)
+    txt = torch.zeros(5, 4)
+    txt[:, 3] = torch.arange(5)
+    return (), dict(hidden_states=_r(g, b, 16, 8), encoder_hidden_states=_r(g, b, 5, 16),
+                    timestep=_t(b, t, True), img_ids=img, txt_ids=txt, return_dict=False)
+
+
+def _stable_audio():
+    return _cls("StableAudioDiTModel")(
+        sample_size=16, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+        num_key_value_attention_heads=1, out_channels=4, cross_attention_dim=16, time_proj_dim=8,
+        global_states_input_dim=12, cross_attention_input_dim=16,
+    )
+
+
+def _stable_audio_in(b, t, seed):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    g = _g(seed)
+    rope = get_1d_rotary_pos_embed(4, 17, use_real=True, repeat_interleave_real=False)
+    return (), dict(hidden_states=_r(g, b, 4, 16), timestep=_t(b, t, False),
+                    encoder_hidden_states=_r(g, b, 5, 16), global_hidden_states=_r(g, b, 1, 12),
+                    rotary_embedding=rope, return_dict=False)
+
+
+def _transformer2d():
+    return _cls("Transformer2DModel")(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, norm_type="ada_norm_zero", num_embeds_ada_norm=10, norm_num_groups=1,
+    )
+
+
+def _cosmos():
+    return _cls("CosmosTransformer3DModel")(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2,
+        text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2),
+        concat_padding_mask=False, extra_pos_embed_type=None,
+    )
+
+
+def _cosmos_in(b, t, seed):
+    g = _g(seed)
+    return (), dict(hidden_states=_r(g, b, 4, 2, 8, 8), timestep=_t(b, t, True),
+                    encoder_hidden_states=_r(g, b, 5, 16), return_dict=False)
+
+
+def _easyanimate():
+    return _cls("EasyAnimateTransformer3DModel")(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, patch_size=2,
+        sample_width=8, sample_height=8, num_layers=2, mmdit_layers=2, time_embed_dim=8, text_embed_dim=16,
+    )
+
+
+def _easyanimate_in(b, t, seed):
+    g = _g(seed)
+    return (), dict(hidden_states=_r(g, b, 4, 2, 8, 8), timestep=_t(b, t, False),
+                    encoder_hidden_states=_r(g, b, 5, 16), return_dict=False)
+
+
+def _bria():
+    return _cls("BriaTransformer2DModel")(
+        patch_size=1, in_channels=8, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=[2, 2, 4],
+    )
+
+
+ZOO.update({
+    z.name: z
+    for z in [
+        Tiny("chroma", "ChromaTransformer2DModel", _chroma, lambda b, t, s: _flux_in(b, t, s, pooled=0), flow=True),
+        Tiny("cogview3plus", "CogView3PlusTransformer2DModel", _cogview3, _cogview_in),
+        Tiny("cogview4", "CogView4Transformer2DModel", _cogview4, _cogview_in),
+        Tiny("hunyuan_video", "HunyuanVideoTransformer3DModel", _hunyuan_video, _hunyuan_video_in),
+        Tiny("skyreels_v2", "SkyReelsV2Transformer3DModel", _wan("SkyReelsV2Transformer3DModel"), _wan_in),
+        Tiny("qwen_image", "QwenImageTransformer2DModel", _qwen_image, _qwen_image_in, flow=True),
+        Tiny("flux2", "Flux2Transformer2DModel", _flux2, _flux2_in, flow=True),
+        Tiny("stable_audio", "StableAudioDiTModel", _stable_audio, _stable_audio_in),
+        Tiny("transformer2d", "Transformer2DModel", _transformer2d, _dit_in),
+        Tiny("cosmos", "CosmosTransformer3DModel", _cosmos, _cosmos_in, flow=True),
+        Tiny("easyanimate", "EasyAnimateTransformer3DModel", _easyanimate, _easyanimate_in),
+        Tiny("bria", "BriaTransformer2DModel", _bria, lambda b, t, s: _flux_in(b, t, s, pooled=0), flow=True),
+    ]
+})
+
+
 SKIPPED: dict[str, str] = {}

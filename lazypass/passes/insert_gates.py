@@ -40,7 +40,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     gates = gm.meta["lazypass.gates"]
     graph = gm.graph
     K = cfg.calls_per_step
-    batch = shape(matches[0].streams[0].x)[0]
+    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     timestep = gm.meta["lazypass.timestep"]
 
     output = next(n for n in graph.nodes if n.op == "output")
@@ -100,11 +100,11 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
             if in_range is not None:
                 row = call(aten.logical_and.default, row, in_range)
-            score = _score(call, gm, gates, i, m)
+            score = _score(call, gm, gates, i, m, batch)
             skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
             everyone = call(aten.all.default, skip)
             anyone = call(aten.any.default, skip)
-            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches])
+            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches], batch)
             operands = tuple(m.operands + caches + [slot, skip, anyone])
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
@@ -146,12 +146,18 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _score(call, gm, gates, i, m):
-    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b)."""
+def _score(call, gm, gates, i, m, batch):
+    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+
+    Rows of a site are sample-major, so ``(rows, ..., D) -> (B, -1, D)`` gathers each
+    sample's tokens, also where frames are folded into the leading dim.
+    """
     logit = None
     for j, s in enumerate(m.streams):
-        rank = len(shape(s.z))
-        summed = call(aten.sum.dim_IntList, s.z, list(range(1, rank - 1)), False, dtype=torch.float32)
+        z = s.z
+        if len(shape(z)) != 3 or shape(z)[0] != batch:
+            z = call(aten.reshape.default, z, [batch, -1, shape(z)[-1]])
+        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
         w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
@@ -196,7 +202,7 @@ def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def _branches(gm, m, i, cache_dtypes):
+def _branches(gm, m, i, cache_dtypes, len_skip):
     """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
     n_out = len(m.streams)
     names = tuple(f"cache_{j}" for j in range(n_out)) + ("slot", "skip", "anyone")
@@ -214,7 +220,12 @@ def _branches(gm, m, i, cache_dtypes):
     mixed, (*caches, slot, skip, _), outs = branch_graph(m, names)
     rows = []
     for out, cache, s, d in zip(outs, caches, m.streams, dtypes):
-        mask = mixed.call_function(aten.reshape.default, (skip, [-1] + [1] * (len(shape(s.y)) - 1)))
+        rows_of, rank = shape(s.y)[0], len(shape(s.y))
+        mask = skip
+        if rows_of != len_skip:  # frames folded into the batch dim: one flag per sample's rows
+            mask = mixed.call_function(aten.reshape.default, (skip, [-1, 1]))
+            mask = mixed.call_function(aten.expand.default, (mask, [len_skip, rows_of // len_skip]))
+        mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
         rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
     mixed.output(tuple(rows))
 

@@ -116,9 +116,16 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             matches.append(m)
             claimed.update(m.nodes)
 
+    timestep = find_timestep(gm, cfg)
+    batch = _model_batch(gm, timestep, matches)
+    folded = [m for m in matches if not _rows_per_sample(m, batch)]
+    for m in folded:
+        log.info("match_sites: skip branch %s: its leading dim is not a multiple of the batch %s", m.path, batch)
+    matches = [m for m in matches if m not in folded]
     gm.meta["lazypass.matches"] = matches
     gm.meta["lazypass.model_macs"] = sum(macs(n) for n in graph.nodes)
-    gm.meta["lazypass.timestep"] = find_timestep(gm, cfg)
+    gm.meta["lazypass.timestep"] = timestep
+    gm.meta["lazypass.batch"] = batch
     log.info("match_sites: %d sites (%s)", len(matches), ", ".join(m.kind for m in matches))
     if not matches:
         raise NoSitesError(
@@ -128,6 +135,32 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             "custom op, export it with the blocks traceable."
         )
     return gm
+
+
+def _model_batch(gm: fx.GraphModule, timestep: fx.Node | None, matches: list[Match]) -> int | None:
+    """Samples per call: the timestep's length, else the leading dim of the first output.
+
+    Video models fold frames or tokens into the batch dim inside their blocks (Latte's
+    spatial attention runs on ``(B * frames, tokens, D)``), so a site's leading dim can be
+    a multiple of the batch; gates and cache flags stay per sample.
+    """
+    t = shape(timestep) if timestep is not None else None
+    if t and math.prod(t) > 1:
+        return math.prod(t)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    for leaf in out if isinstance(out, (list, tuple)) else [out]:
+        s = shape(leaf)
+        if s:
+            return s[0]
+    return shape(matches[0].streams[0].x)[0] if matches else None
+
+
+def _rows_per_sample(m: Match, batch: int | None) -> int | None:
+    """How many leading rows of the site belong to one sample (rows are sample-major)."""
+    rows = {shape(n)[0] for s in m.streams for n in (s.z, s.y)}
+    if batch is None or len(rows) != 1 or next(iter(rows)) % batch:
+        return None
+    return next(iter(rows)) // batch
 
 
 def _candidate(add: fx.Node, order) -> _Candidate | None:

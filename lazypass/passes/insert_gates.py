@@ -91,7 +91,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     skipped, executed, scores = [], [], []
     for i, (m, (valid, caches)) in enumerate(zip(matches, site_state)):
-        last_input = max([s.z for s in m.streams] + m.operands, key=_position(graph))
+        # after the step bookkeeping too: a site may read only graph inputs (StableAudio)
+        last_input = max([s.z for s in m.streams] + m.operands + [slot], key=_position(graph))
         with graph.inserting_after(last_input):
             marker = call(operator.add, 0, 0)  # insertion point; erased below
         with graph.inserting_before(marker):

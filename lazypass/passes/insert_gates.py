@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.distributed import all_reduce, sync_mode
 from lazypass.ops import shape, value
 
 aten = torch.ops.aten
@@ -42,6 +43,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     K = cfg.calls_per_step
     batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     timestep = gm.meta["lazypass.timestep"]
+    sync = sync_mode(gm, cfg)
 
     output = next(n for n in graph.nodes if n.op == "output")
     user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
@@ -101,19 +103,25 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
             if in_range is not None:
                 row = call(aten.logical_and.default, row, in_range)
-            score = _score(call, gm, gates, i, m, batch)
+            score = gate_score(call, gm, gates, i, m, sync)
             skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
+            if sync is not None:  # a sample skips only where every rank may skip it
+                flags = call(aten._to_copy.default, skip, dtype=torch.int32)
+                skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
             everyone = call(aten.all.default, skip)
             anyone = call(aten.any.default, skip)
             reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches], batch)
             operands = tuple(m.operands + caches + [slot, skip, anyone])
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
+            written = None if in_range is None else call(
+                aten.expand.default, call(aten.reshape.default, in_range, [1]), [batch])
             for cache, out in zip(caches, outs):
                 src = _cast(call, out, value(cache).dtype)
                 call(aten.index_copy_.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0))
-            written = call(aten.ones_like.default, row) if in_range is None else call(
-                aten.expand.default, call(aten.reshape.default, in_range, [1]), [batch])
+                # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
+                ok = _finite_rows(call, src, batch)
+                written = ok if written is None else call(aten.logical_and.default, written, ok)
             call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
         graph.erase_node(marker)
         for out, s in zip(outs, m.streams):
@@ -147,12 +155,23 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _score(call, gm, gates, i, m, batch):
-    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+def _finite_rows(call, node, batch):
+    """(B,) bool: every value of the sample is finite. One fp32 sum per sample: NaN and Inf survive
+    a sum, and a sum that overflows only makes a cache row invalid, which is safe. Rows are
+    sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
+    the leading dim."""
+    rows = call(aten.reshape.default, node, [batch, -1])
+    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
 
-    Rows of a site are sample-major, so ``(rows, ..., D) -> (B, -1, D)`` gathers each
-    sample's tokens, also where frames are folded into the leading dim.
-    """
+
+def gate_score(call, gm, gates, i, m, sync=None):
+    """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+
+    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
+    every rank the score of the unsharded model. Rows of a site are sample-major, so
+    ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where frames are
+    folded into the leading dim (Latte)."""
+    batch = gm.meta.get("lazypass.batch") or shape(m.streams[0].x)[0]
     logit = None
     for j, s in enumerate(m.streams):
         z = s.z
@@ -162,6 +181,8 @@ def _score(call, gm, gates, i, m, batch):
         w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
+    if sync is not None and sync[0] == "sharded":
+        logit = all_reduce(call, logit, "sum", sync[1])
     b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, i)
     return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
 

@@ -87,9 +87,11 @@ class _Block(nn.Module):
 
     def forward(self, x, c):
         g1, g2 = self.ada(c).unsqueeze(1).chunk(2, -1)
-        if self.style == "cast":  # Wan: (x.float() + g * F(norm(x))).type_as(x)
-            x = (x.float() + g1 * self.attn(self.n1(x))).type_as(x)
-            return (x.float() + g2 * self.mlp(self.n2(x))).type_as(x)
+        if self.style == "cast":  # Wan: the branch first, then (x.float() + g * branch).type_as(x)
+            a = self.attn(self.n1(x))
+            x = (x.float() + g1 * a).type_as(x)
+            f = self.mlp(self.n2(x))
+            return (x.float() + g2 * f).type_as(x)
         if self.style == "aura":  # AuraFlow: the MLP output goes back onto the block input
             h = x + g1 * self.attn(self.n1(x))
             return x + g2 * self.mlp(self.n2(h))
@@ -110,10 +112,11 @@ class _Model(nn.Module):
         self.head = nn.Linear(d, 6)
 
     def forward(self, x, t):
-        c = self.t(_temb(t, self.t.in_features))
-        if self.style == "type_as":  # Cosmos: the embedding takes the dtype of the hidden stream
-            c = c.type_as(x)
         h = self.embed(x)
+        proj = _temb(t, self.t.in_features)
+        if self.style == "type_as":  # Cosmos: the timestep projection takes the dtype of the hidden stream
+            proj = proj.type_as(h)
+        c = self.t(proj)
         if self.style == "folded":  # Latte: frames folded into the batch dim inside the blocks
             b, f, n, d = h.shape
             h = h.reshape(b * f, n, d)

@@ -9,9 +9,11 @@ from lazypass.passes.functionalize import functionalize
 from lazypass.passes.insert_gates import insert_gates
 from lazypass.passes.match_sites import Match, NoSitesError, Site, match_sites
 from lazypass.passes.prune import prune
+from lazypass.passes.soft_blend import soft_blend
 
 ANALYSIS = [functionalize, prune, match_sites]
 INFERENCE = [insert_gates]
+TRAINING = [soft_blend]
 
 
 def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
@@ -23,5 +25,6 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "prune", "functionalize",
+__all__ = ["ANALYSIS", "INFERENCE", "TRAINING", "run_passes", "functionalize", "prune", "match_sites",
+           "insert_gates", "soft_blend",
            "Site", "Match", "NoSitesError"]

@@ -102,7 +102,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
             if in_range is not None:
                 row = call(aten.logical_and.default, row, in_range)
-            score = _score(call, gm, gates, i, m, sync)
+            score = gate_score(call, gm, gates, i, m, sync)
             skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
             if sync is not None:  # a sample skips only where every rank may skip it
                 flags = call(aten._to_copy.default, skip, dtype=torch.int32)
@@ -163,10 +163,10 @@ def _finite_rows(call, node, ndim):
     return call(aten.isfinite.default, call(aten.sum.dim_IntList, node, dims, False, dtype=torch.float32))
 
 
-def _score(call, gm, gates, i, m, sync=None):
-    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+def gate_score(call, gm, gates, i, m, sync=None):
+    """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
 
-    With tokens sharded over ranks the partial sums are added up across them, which gives
+    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
     every rank the score of the unsharded model."""
     logit = None
     for j, s in enumerate(m.streams):

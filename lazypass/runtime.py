@@ -82,6 +82,8 @@ class Runtime:
         self.threshold = cfg.threshold
         self._threshold_tensors: dict[torch.device, torch.Tensor] = {}
         self.pending_gates = None  # set by load_gates before the first trace: callable(LazyGates)
+        self.live: dict[tuple, Live] = {}  # state of compiled calls, see "compiled calls" below
+        self.compiled_last = False  # whether the last call ran inside torch.compile
 
     # -- tracing -------------------------------------------------------------------
     def program_for(self, args: tuple, kwargs: dict, mode: str = "hard") -> tuple[Program, list]:
@@ -105,6 +107,8 @@ class Runtime:
                     ) from None
                 raise
             self.programs[key] = prog
+            if mode == "hard":
+                self.live[key] = _live_state(self, prog, _device(leaves, self.model))
         return prog, leaves
 
     def __deepcopy__(self, memo):
@@ -198,6 +202,7 @@ class Runtime:
         n = prog.n_user_outputs
         state.records.append(tuple(outs[n:]))
         self.state, self.program = state, prog
+        self.compiled_last = False
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
 
 
@@ -385,7 +390,10 @@ def apply(
 
 def _lazy_forward(self, *args, **kwargs):
     """Lazy forward (lazypass): gated branches with per-run caches."""
-    return runtime(self)(*args, **kwargs)
+    rt = runtime(self)
+    if torch.compiler.is_compiling():
+        return _compiled_call(rt, args, kwargs)
+    return rt(*args, **kwargs)
 
 
 def _undo(model: nn.Module) -> None:
@@ -402,17 +410,20 @@ def reset(model: nn.Module) -> None:
     """
     rt = runtime(model)
     rt.state = None
+    _reset_live(rt)
 
 
 @contextlib.contextmanager
 def _swap(rt: Runtime, holder: "trajectory"):
     saved = rt.state
     rt.state = holder.state
+    saved_live = _swap_live(rt, holder.__dict__.pop("_live", None))
     try:
         yield holder
     finally:
         holder.state = rt.state
         rt.state = saved
+        holder._live = _swap_live(rt, saved_live)
 
 
 class trajectory:
@@ -458,3 +469,106 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
     rt.set_threshold(value)
 
 
+
+
+# -- compiled calls ---------------------------------------------------------------------
+# Under ``torch.compile`` dynamo traces the shell ``forward`` into ``_compiled_call``.  It
+# must stay one graph (``fullgraph=True``) that is never recompiled while sampling, so:
+# - nothing is traced here: the program must exist (an eager call, ``report`` or
+#   ``apply(example_inputs=...)`` made it); ``torch.export`` cannot run inside dynamo;
+# - the state lives in persistent buffers per program (``Live``), allocated eagerly when
+#   the program is traced and only ever updated in place, so dynamo sees the same tensors
+#   with the same metadata on every call, and CUDA graphs see fixed addresses;
+#   ``reset`` and ``trajectory`` refill or swap their *contents* outside the graph;
+# - the per-call records go into ring buffers indexed by a call counter tensor (no Python
+#   list that grows, which would be a guard on its length and a recompile per call).
+# Eager and compiled calls keep separate caches; ``stats`` reads whichever ran last.
+
+RECORDS = 1024  # calls whose decisions ``stats`` can show after compiled calls
+
+
+@dataclass
+class Live:
+    """Buffers a compiled call reads and updates in place."""
+
+    tensors: list[torch.Tensor]  # the state inputs after the threshold, as in state_specs[1:]
+    threshold: torch.Tensor
+    records: list[torch.Tensor]  # ring buffers: skipped (R, sites, B), executed (R, sites), scores (R, sites, B)
+    count: torch.Tensor  # 0-d int64: calls made since the last reset
+
+    def buffers(self) -> list[torch.Tensor]:
+        return [*self.tensors, *self.records, self.count]
+
+
+def _live_state(rt: Runtime, prog: Program, device: torch.device) -> Live:
+    tensors = rt.fresh_state(prog, device).tensors
+    sites, batch = len(prog.sites), prog.state_specs[1][1][0]
+    records = [
+        torch.zeros(RECORDS, sites, batch, dtype=torch.bool, device=device),
+        torch.zeros(RECORDS, sites, dtype=torch.bool, device=device),
+        torch.zeros(RECORDS, sites, batch, dtype=torch.float32, device=device),
+    ]
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    return Live(tensors, rt.threshold_tensor(device), records, count)
+
+
+@torch.no_grad()
+def _reset_live(rt: Runtime, keys=None) -> None:
+    for key in rt.live if keys is None else keys:
+        live = rt.live[key]
+        for dst, src in zip(live.tensors, rt.fresh_state(rt.programs[key], live.count.device).tensors):
+            dst.copy_(src)
+        live.count.zero_()
+
+
+@torch.no_grad()
+def _swap_live(rt: Runtime, snapshot: dict | None) -> dict | None:
+    """Put ``snapshot`` (or empty caches) into the live buffers; return what they held."""
+    if not rt.live:
+        return None
+    current = {key: [t.clone() for t in live.buffers()] for key, live in rt.live.items()}
+    missing = []
+    for key, live in rt.live.items():
+        saved = (snapshot or {}).get(key)
+        if saved is None:
+            missing.append(key)
+        else:
+            for dst, src in zip(live.buffers(), saved):
+                dst.copy_(src)
+    _reset_live(rt, missing)
+    return current
+
+
+def compiled_records(rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The (skipped, executed, scores) of the compiled calls since the last reset, oldest first."""
+    if rt.program is None or rt.program.key not in rt.live:
+        return []
+    live = rt.live[rt.program.key]
+    count = int(live.count)
+    order = [i % RECORDS for i in range(max(0, count - RECORDS), count)]
+    return [tuple(r[i] for r in live.records) for i in order]
+
+
+def _compiled_call(rt: Runtime, args: tuple, kwargs: dict):
+    leaves, spec = flatten_inputs(args, kwargs)
+    key = signature(rt.model, leaves, spec)
+    prog = rt.programs.get(key)
+    if prog is None:
+        raise RuntimeError(
+            f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet, and tracing "
+            "(torch.export) cannot run inside torch.compile. Call the lazy model once eagerly with inputs "
+            "of the same shapes, or pass example_inputs to lazypass.apply, before calling the compiled model"
+        )
+    live = rt.live[key]
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
+    with torch.set_grad_enabled(grad):
+        outs = prog.core(*leaves, live.threshold, *live.tensors)
+    n = prog.n_user_outputs
+    with torch.no_grad():
+        slot = torch.remainder(live.count, RECORDS).reshape(1)
+        for buf, rec in zip(live.records, outs[n:]):
+            buf.index_copy_(0, slot, rec.unsqueeze(0).to(buf.dtype))
+        live.count.add_(1)
+    rt.program = prog
+    rt.compiled_last = True
+    return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)

@@ -1,0 +1,207 @@
+"""Speed of ``torch.compile(model, backend="lazydit")`` against eager and plain Inductor.
+
+Reference DiT (random init), 32x32x4 latents, batch 2, class labels, no guidance, no grad.
+
+Per step (one model call at a new, lower timestep; caches valid):
+  eager          the original model, eager
+  inductor       torch.compile(original) (default backend)
+  lazydit r%     torch.compile(lazypass.apply(copy), backend="lazydit"); a fixed, seeded
+                 subset of round(r * sites) sites always skips (gate bias +20, score ~1),
+                 the others never do (bias -20). One compile serves every ratio: the gates
+                 are graph inputs.
+End to end (DDIM, lazypass.sampling.ddim_sample):
+  inductor DDIM-10   10 steps, no laziness
+  lazydit DDIM-20    20 steps at 50% lazy: every site skips on every other step (threshold
+                     -0.5 on odd steps, 1.5 on even ones, set in place between calls), so the
+                     branch MACs equal DDIM-10's; what is left is the cost of the part of
+                     the model outside the sites, the gates and the cache traffic.
+Figures: e2e = lazydit DDIM-20 / inductor DDIM-10 (goal <= 1.03); zero = lazydit 0% /
+inductor (goal <= 1.02); skip efficiency = measured speedup (lazydit 0% / lazydit r%) over
+the ideal speedup from MACs (model MACs / MACs left), goal >= 0.95.
+All variants take turns within every repeat (interleaved); medians.
+
+    PYTHONPATH=$PWD python benchmarks/speed.py [--models DiT-S/2 DiT-B/2] [--repeats 9] [--e2e-repeats 3]
+"""
+
+import argparse
+import copy
+import os
+import platform
+import random
+import statistics
+import time
+
+import torch
+from tabulate import tabulate
+
+import lazypass
+from lazypass.models import build_dit
+from lazypass.sampling import ddim_sample
+
+RATIOS = (0.0, 0.3, 0.5)
+
+
+def _skip_subset(gates, ratio, seed=0):
+    """Sites that skip at this ratio: a seeded random subset (mixes attention and MLP sites)."""
+    n = len(gates.layout)
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    chosen = set(order[: round(ratio * n)])
+    with torch.no_grad():
+        for p in gates.weights:
+            p.zero_()
+        gates.bias.copy_(torch.tensor([20.0 if i in chosen else -20.0 for i in range(n)]))
+    return chosen
+
+
+def _cpu() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bench(name, args):
+    torch.manual_seed(0)
+    b = args.batch
+    original = build_dit(name, input_size=32, init="random").eval()
+    lazy = lazypass.apply(copy.deepcopy(original))
+    x = torch.randn(b, 4, 32, 32)
+    y = torch.randint(0, 1000, (b,))
+    t0 = torch.full((b,), 999)
+    sites = lazypass.report(lazy, x, t0, y, print_table=False)
+    prog = lazypass.runtime.runtime(lazy).program_for((x, t0, y), {})[0]
+    model_macs = prog.model_macs
+
+    compiled = {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        compiled["inductor"] = torch.compile(original, fullgraph=True, dynamic=False)
+        compiled["inductor"](x, t0, y)
+        t_inductor = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled["lazydit"] = torch.compile(lazy, backend="lazydit", fullgraph=True, dynamic=False)
+        compiled["lazydit"](x, t0, y)
+        t_lazydit = time.perf_counter() - start
+
+    step = {"n": 1}
+
+    def call(fn, ratio=None):
+        # a descending timestep per call, as in sampling: caches stay valid
+        t = torch.full((b,), 999 - step["n"] % 999)
+        step["n"] += 1
+        if ratio is not None:
+            _skip_subset(lazy.lazy_gates, ratio)
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn(x, t, y)
+        return time.perf_counter() - start
+
+    variants = {"eager": lambda: call(original), "inductor": lambda: call(compiled["inductor"])}
+    for r in RATIOS:
+        variants[f"lazydit {r:.0%}"] = lambda r=r: call(compiled["lazydit"], r)
+    for fn in variants.values():
+        fn(), fn()
+    times = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for k, fn in variants.items():
+            times[k].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    skipped_macs = {}
+    for r in RATIOS:
+        chosen = _skip_subset(lazy.lazy_gates, r)
+        skipped_macs[r] = sum(sites[i].macs for i in chosen)
+
+    # end to end: DDIM-20 at 50% lazy (all sites skip every other step) vs DDIM-10 full
+    lazypass.set_threshold(lazy, 1.5)
+    calls = {"n": 0}
+
+    def lazy_fn(xx, tt, cc):
+        lazypass.set_threshold(lazy, -0.5 if calls["n"] % 2 else 1.5)
+        calls["n"] += 1
+        return compiled["lazydit"](xx, tt, cc)
+
+    def e2e(kind):
+        noise = torch.randn(b, 4, 32, 32, generator=torch.Generator().manual_seed(1))
+        start = time.perf_counter()
+        with torch.no_grad():
+            if kind == "lazy":
+                calls["n"] = 0
+                with lazypass.trajectory(lazy):
+                    ddim_sample(lazy_fn, noise, 20, cond=y)
+                    st = lazypass.stats(lazy)
+            else:
+                ddim_sample(compiled["inductor"], noise, 10, cond=y)
+                st = None
+        return time.perf_counter() - start, st
+
+    e2e("lazy"), e2e("full")
+    e2e_times = {"lazy": [], "full": []}
+    for _ in range(args.e2e_repeats):
+        for kind in ("lazy", "full"):
+            dt, st = e2e(kind)
+            e2e_times[kind].append(dt)
+            if st is not None:
+                e2e_stats = st
+    e2e_med = {k: statistics.median(v) for k, v in e2e_times.items()}
+    lazypass.set_threshold(lazy, 0.5)
+
+    base = med["lazydit 0%"]
+    rows = [[name, "eager", "", f"{med['eager'] * 1e3:.1f}", "", ""],
+            [name, "inductor", "", f"{med['inductor'] * 1e3:.1f}", "", ""]]
+    eff = {}
+    for r in RATIOS:
+        m = med[f"lazydit {r:.0%}"]
+        ideal = model_macs / (model_macs - skipped_macs[r])
+        measured = base / m
+        eff[r] = measured / ideal
+        rows.append([name, f"lazydit {r:.0%}", f"{skipped_macs[r] / model_macs:.1%}", f"{m * 1e3:.1f}",
+                     f"{measured:.3f} / {ideal:.3f}", f"{eff[r]:.3f}" if r else ""])
+    rows.append([name, "inductor DDIM-10 (full)", "", f"{e2e_med['full'] * 1e3:.0f}", "", ""])
+    rows.append([name, f"lazydit DDIM-20 ({e2e_stats.lazy_ratio:.0%} lazy)", "", f"{e2e_med['lazy'] * 1e3:.0f}",
+                 "", ""])
+    return {
+        "rows": rows,
+        "zero": med["lazydit 0%"] / med["inductor"],
+        "e2e": e2e_med["lazy"] / e2e_med["full"],
+        "eff": eff,
+        "sites": len(sites),
+        "covered": sum(s.macs for s in sites) / model_macs,
+        "compile": (t_inductor, t_lazydit),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["DiT-S/2", "DiT-B/2"])
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--e2e-repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {name: bench(name, args) for name in args.models}
+    print(f"{_cpu()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"batch {args.batch}, 32x32x4 latents; medians of {args.repeats} interleaved repeats per step, "
+          f"{args.e2e_repeats} end to end")
+    for name, r in results.items():
+        print(f"{name}: {r['sites']} sites cover {r['covered']:.1%} of MACs; compile s: inductor "
+              f"{r['compile'][0]:.0f}, lazydit {r['compile'][1]:.0f}")
+    rows = [row for r in results.values() for row in r["rows"]]
+    print(tabulate(rows, headers=["model", "variant", "MACs skipped", "ms", "speedup measured / ideal",
+                                  "skip efficiency"]))
+    print("speed: " + " ".join(
+        f"{name}: e2e_ratio={r['e2e']:.3f} zero_vs_inductor={r['zero']:.3f} "
+        f"skip_eff30={r['eff'][0.3]:.3f} skip_eff50={r['eff'][0.5]:.3f};"
+        for name, r in results.items()))
+
+
+if __name__ == "__main__":
+    main()

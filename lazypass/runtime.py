@@ -251,7 +251,8 @@ def _check_timestep_arg(forward, cfg: LazyConfig, args: tuple, kwargs: dict) -> 
         bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         bound = kwargs
-    batch = next((x.shape[0] for x in pytree.tree_leaves((args, kwargs))
+    # the batch is the leading dim of the first tensor input in signature order (hidden_states)
+    batch = next((x.shape[0] for x in pytree.tree_leaves(list(bound.values()))
                   if isinstance(x, torch.Tensor) and x.dim() >= 2), None)
     for name in names:
         v = bound.get(name)

@@ -200,3 +200,82 @@ def test_traced_program_before_tracing_is_a_clear_error():
     assert traced_program(model) is traced_program(model, *_inputs())
     with pytest.raises(NotTracedError, match="not traced for these inputs"):
         traced_program(model, *_inputs(batch=3))
+
+
+# -- gate files -----------------------------------------------------------------------
+
+def _gated(arch_name, seed=1, threshold=0.6):
+    arch = ARCHS[arch_name]
+    model = lazypass.apply(arch.build())
+    args, kwargs = arch.inputs(2, 900, 0)
+    lazypass.report(model, *args, print_table=False, **kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lazy_gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lazypass.set_threshold(model, threshold)
+    return model, arch
+
+
+def _trajectory(model, arch):
+    lazypass.reset(model)
+    outs = []
+    with torch.no_grad():
+        for k, t in enumerate((900, 600, 300)):
+            args, kwargs = arch.inputs(2, t, k)
+            outs.append(arch.output(model(*args, **kwargs)))
+    return outs
+
+
+def _unchanged(model, arch, gates, outs):
+    assert all(torch.equal(a, b) for a, b in zip(gates, model.lazy_gates.parameters()))
+    assert runtime(model).threshold == 0.6
+    assert all(torch.equal(a, b) for a, b in zip(outs, _trajectory(model, arch)))
+
+
+def test_gate_file_of_another_model_changes_nothing(tmp_path):
+    other, _ = _gated("pixart", seed=2, threshold=0.7)
+    lazypass.save_gates(other, tmp_path / "pixart.safetensors")
+    model, arch = _gated("diffusers_dit")
+    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
+    assert lazypass.stats(model).skipped.any()
+    with pytest.raises(ValueError, match="different model.*Nothing was loaded"):
+        lazypass.load_gates(model, tmp_path / "pixart.safetensors")
+    _unchanged(model, arch, gates, outs)
+
+
+def test_truncated_or_corrupt_gate_files_change_nothing(tmp_path):
+    model, arch = _gated("diffusers_dit")
+    lazypass.save_gates(model, tmp_path / "good.safetensors")
+    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
+    data = (tmp_path / "good.safetensors").read_bytes()
+    header = int.from_bytes(data[:8], "little")
+    bad = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "header": data[:8] + b"{" * header + data[8 + header :],
+        "nan_values": data[: len(data) - 8] + b"\xff" * 8,  # the last values become NaN
+    }
+    for name, blob in bad.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(blob)
+        with pytest.raises(ValueError, match="truncated or corrupt|damaged|not finite"):
+            lazypass.load_gates(model, tmp_path / f"{name}.safetensors")
+        _unchanged(model, arch, gates, outs)
+
+
+def test_wrong_gate_file_before_tracing_refuses_until_right_gates_are_loaded(tmp_path):
+    other, _ = _gated("pixart")
+    lazypass.save_gates(other, tmp_path / "pixart.safetensors")
+    good, arch = _gated("diffusers_dit")
+    lazypass.save_gates(good, tmp_path / "dit.safetensors")
+    expected = _trajectory(good, arch)
+
+    model = lazypass.apply(arch.build())
+    lazypass.load_gates(model, tmp_path / "pixart.safetensors")  # sites unknown yet: checked at the trace
+    args, kwargs = arch.inputs(2, 900, 0)
+    for _ in range(2):  # refused every time rather than running with gates that were never loaded
+        with pytest.raises(ValueError, match="different model"):
+            model(*args, **kwargs)
+    assert not hasattr(model, "lazy_gates")
+    lazypass.load_gates(model, tmp_path / "dit.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(_trajectory(model, arch), expected))

@@ -137,3 +137,31 @@ def test_pixart_split_cfg_equals_batched_cfg(pixart):
     split = _to_np(pixart_split_cfg(pipe, *inputs[:4], inputs[4], STEPS, 4.5))
     assert lazypass.stats(pipe.transformer).skipped.any()
     assert np.abs(split - batched).max() <= 1e-5
+
+
+# -- fitted gates, saved and loaded -------------------------------------------------------
+
+@pytest.mark.slow
+def test_dit_pipeline_with_fitted_gates_from_a_file(tmp_path):
+    pipe = dit_pipeline()
+    pipe.transformer = lazypass.apply(pipe.transformer)
+
+    def batches(i):
+        g = torch.Generator().manual_seed(i)
+        return {"noise": torch.randn(2, 4, 8, 8, generator=g),
+                "cond": {"class_labels": torch.randint(0, 1000, (2,), generator=g)},
+                "null_cond": {"class_labels": torch.full((2,), 1000)}}
+
+    lazypass.fit(pipe.transformer, batches, steps=8, lr=5e-2, num_inference_steps=STEPS, guidance_scale=4.0,
+                 target_ratio=0.4, progress=False)
+    lazypass.save_gates(pipe.transformer, tmp_path / "dit.safetensors")
+
+    fresh = dit_pipeline()  # same seeded weights, gates only from the file
+    fresh.transformer = lazypass.apply(fresh.transformer)
+    lazypass.load_gates(fresh.transformer, tmp_path / "dit.safetensors")
+    batched = _dit(fresh, LABELS, SEEDS)
+    assert lazypass.stats(fresh.transformer).skipped.any()
+    assert (batched == _dit(pipe, LABELS, SEEDS)).all()
+    for i, (label, seed) in enumerate(zip(LABELS, SEEDS)):
+        single = _dit(fresh, [label], [seed])
+        assert np.abs(single[0] - batched[i]).max() <= 1e-5

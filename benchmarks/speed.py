@@ -185,17 +185,19 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    results = {name: bench(name, args) for name in args.models}
     print(f"{_cpu()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"batch {args.batch}, 32x32x4 latents; medians of {args.repeats} interleaved repeats per step, "
-          f"{args.e2e_repeats} end to end")
-    for name, r in results.items():
+          f"{args.e2e_repeats} end to end", flush=True)
+    headers = ["model", "variant", "MACs skipped", "ms", "speedup measured / ideal", "skip efficiency"]
+    results = {}
+    for name in args.models:  # each model's table as soon as it is measured
+        r = results[name] = bench(name, args)
         print(f"{name}: {r['sites']} sites cover {r['covered']:.1%} of MACs; compile s: inductor "
               f"{r['compile'][0]:.0f}, lazydit {r['compile'][1]:.0f}; dynamo graphs compiled so far: {r['graphs']} "
               "(2 per model, inductor and lazydit: no recompiles)")
-    rows = [row for r in results.values() for row in r["rows"]]
-    print(tabulate(rows, headers=["model", "variant", "MACs skipped", "ms", "speedup measured / ideal",
-                                  "skip efficiency"]))
+        print(tabulate(r["rows"], headers=headers), flush=True)
+    if len(results) > 1:
+        print(tabulate([row for r in results.values() for row in r["rows"]], headers=headers))
     print("speed: " + " ".join(
         f"{name}: e2e_ratio={r['e2e']:.3f} zero_vs_inductor={r['zero']:.3f} "
         f"skip_eff30={r['eff'][0.3]:.3f} skip_eff50={r['eff'][0.5]:.3f};"

@@ -572,8 +572,8 @@ class _Controller:
     """Control of log rho toward a lazy ratio, measured on the training rows (fraction of scores above the threshold).
 
     Without a rho from the user, the start is set from the first fidelity so that the lazy
-    loss starts at the same size (the useful rho depends on the model's scale: 1e-7 to
-    1e-2 in the paper).
+    loss starts at a tenth of it (the useful rho depends on the model's output scale: the
+    paper sweeps 1e-7 to 1e-2); starting higher overshoots, the gates lagging behind rho.
     """
 
     def __init__(self, target: float, T: int, rhos: tuple[float, float], auto: bool, sites: int):
@@ -592,7 +592,7 @@ class _Controller:
 
     def start(self, fidelity: float) -> None:
         self.auto = False
-        self.log_rho = self.integral = math.log(max(fidelity, 1e-12) / (0.5 * self.sites))
+        self.log_rho = self.integral = math.log(max(fidelity, 1e-12) / (5.0 * self.sites))
 
     def update(self, frac: float) -> None:
         self.ema = frac if self.ema is None else 0.9 * self.ema + 0.1 * frac

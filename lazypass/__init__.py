@@ -1,20 +1,26 @@
 """lazypass: LazyDiT as a compiler pass. Learned in-graph skip gates for diffusion transformers."""
 
+from lazypass.checkpoint import load_gates, save_gates
 from lazypass.config import LazyConfig
+from lazypass.fit import FitResult, fit
 from lazypass.gates import LazyGates
 from lazypass.passes import NoSitesError, Site
 from lazypass.report import Stats, report, stats
 from lazypass.runtime import apply, reset, set_threshold, trajectory
 
 __all__ = [
+    "FitResult",
     "LazyConfig",
     "LazyGates",
     "NoSitesError",
     "Site",
     "Stats",
     "apply",
+    "fit",
+    "load_gates",
     "report",
     "reset",
+    "save_gates",
     "set_threshold",
     "stats",
     "trajectory",

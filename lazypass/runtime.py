@@ -23,14 +23,19 @@ from torch.utils import _pytree as pytree
 from lazypass.config import LazyConfig, check_threshold
 from lazypass.gates import LazyGates
 from lazypass.ops import shape
-from lazypass.passes import ANALYSIS, INFERENCE, Site, run_passes
+from lazypass.passes import ANALYSIS, INFERENCE, TRAINING, Site, run_passes
 from lazypass.passes.match_sites import site_records
 from lazypass.tracing import capture, flatten_inputs, signature
 
 
 @dataclass
 class Program:
-    """One traced and rewritten graph, specialised to one input signature."""
+    """One traced and rewritten graph, specialised to one input signature.
+
+    ``mode`` is "hard" (gated conditionals with cache state, ``insert_gates``) or "soft"
+    (the differentiable blend used for fitting, ``soft_blend``); ``state_specs`` lists the
+    extra inputs after the user's: threshold and cache state, or mix and previous outputs.
+    """
 
     key: tuple
     core: fx.GraphModule
@@ -40,6 +45,10 @@ class Program:
     state_specs: list[tuple[str, tuple[int, ...], torch.dtype]]
     n_user_outputs: int
     has_timestep: bool
+    mode: str = "hard"
+
+
+_PASSES = {"hard": INFERENCE, "soft": TRAINING}
 
 
 @dataclass
@@ -61,18 +70,24 @@ class Runtime:
         self.program: Program | None = None  # the one the current state belongs to
         self.threshold = cfg.threshold
         self._threshold_tensors: dict[torch.device, torch.Tensor] = {}
+        self.pending_gates = None  # set by load_gates before the first trace: callable(LazyGates)
 
     # -- tracing -------------------------------------------------------------------
-    def program_for(self, args: tuple, kwargs: dict) -> tuple[Program, list]:
+    def program_for(self, args: tuple, kwargs: dict, mode: str = "hard") -> tuple[Program, list]:
+        """The program for these inputs ("hard": inference, "soft": fitting), traced if needed."""
+        if mode not in _PASSES:
+            raise ValueError(f"mode must be one of {sorted(_PASSES)}, got {mode!r}")
         leaves, spec = flatten_inputs(args, kwargs)
         key = signature(self.model, leaves, spec)
+        if mode != "hard":
+            key = key + (mode,)
         prog = self.programs.get(key)
         if prog is None:
-            prog = self._trace(key, args, kwargs)
+            prog = self._trace(key, args, kwargs, mode)
             self.programs[key] = prog
         return prog, leaves
 
-    def _trace(self, key, args, kwargs) -> Program:
+    def _trace(self, key, args, kwargs, mode: str = "hard") -> Program:
         gm, out_spec = capture(self.model, self.forward, args, kwargs)
         gm = run_passes(gm, self.cfg, ANALYSIS)
         matches = gm.meta["lazypass.matches"]
@@ -81,6 +96,9 @@ class Runtime:
         if gates is None:
             param = next(self.model.parameters())
             gates = LazyGates(layout).to(param.device)
+            if self.pending_gates is not None:
+                self.pending_gates(gates)  # refuses a file made for other sites
+                self.pending_gates = None
             self.model.lazy_gates = gates
         elif gates.layout != layout:
             raise ValueError(
@@ -92,7 +110,7 @@ class Runtime:
         batch = shape(matches[0].streams[0].x)[0]
         sites = site_records(gm, self.cfg, batch)
         model_macs = gm.meta["lazypass.model_macs"]
-        gm = run_passes(gm, self.cfg, INFERENCE)
+        gm = run_passes(gm, self.cfg, _PASSES[mode])
         return Program(
             key=key,
             core=gm,
@@ -102,6 +120,7 @@ class Runtime:
             state_specs=gm.meta["lazypass.state_specs"],
             n_user_outputs=gm.meta["lazypass.n_user_outputs"],
             has_timestep=gm.meta["lazypass.timestep"] is not None,
+            mode=mode,
         )
 
     # -- state ---------------------------------------------------------------------

@@ -8,9 +8,11 @@ from lazypass.config import LazyConfig
 from lazypass.passes.insert_gates import insert_gates
 from lazypass.passes.match_sites import Match, NoSitesError, Site, match_sites
 from lazypass.passes.prune import prune
+from lazypass.passes.soft_blend import soft_blend
 
 ANALYSIS = [prune, match_sites]
 INFERENCE = [insert_gates]
+TRAINING = [soft_blend]
 
 
 def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
@@ -22,5 +24,5 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["ANALYSIS", "INFERENCE", "run_passes", "match_sites", "insert_gates", "prune",
+__all__ = ["ANALYSIS", "INFERENCE", "TRAINING", "run_passes", "match_sites", "insert_gates", "prune", "soft_blend",
            "Site", "Match", "NoSitesError"]

@@ -100,7 +100,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             valid_row, reads = _read_slot(call, keep, caches, slot)
             valid_now = valid_row if in_range is None else call(aten.logical_and.default, valid_row, in_range)
             reads = [_cast(call, r, value(s.y).dtype) for r, s in zip(reads, m.streams)]
-            score = _score(call, gm, gates, i, m, batch)
+            score = gate_score(call, gm, gates, i, m)
             want = call(aten.gt.Tensor, score, threshold)
             skip = call(aten.logical_and.default, want, valid_now)
             everyone = call(aten.all.default, skip)
@@ -178,8 +178,11 @@ def _write_slot(call, valid, caches, slot, in_range, outs, reads, cfg):
     return call(aten.index_copy.default, valid, 0, slot, call(aten.unsqueeze.default, row, 0)), new_caches
 
 
-def _score(call, gm, gates, i, m, batch):
-    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b)."""
+def gate_score(call, gm, gates, i, m):
+    """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+
+    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites.
+    """
     logit = None
     for j, s in enumerate(m.streams):
         zs = shape(s.z)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
 import lazypass
-from digits_eval import NULL_CLASS, gates_path, load_dit
+from digits_eval import DIT_PATH, NULL_CLASS, gates_path, load_dit
 
 TARGETS = [(0.5, 20), (0.3, 10)]
 
@@ -29,14 +30,14 @@ def batches(batch: int, seed: int):
         return {
             "noise": torch.randn(batch, 1, 8, 8, generator=g),
             "cond": torch.randint(0, 10, (batch,), generator=g),
-            "null_cond": torch.tensor(NULL_CLASS),
+            "null_cond": torch.full((batch,), NULL_CLASS),  # fit (issue4 0785a60) fails on a 0-d null id
         }
 
     return sample_fn
 
 
 def fit_one(ratio: float, steps: int, args) -> dict:
-    model = lazypass.apply(load_dit(), rho=args.rho)
+    model = lazypass.apply(load_dit(args.dit), rho=args.rho)
     start = time.perf_counter()
     result = lazypass.fit(
         model, batches(args.batch, args.seed), steps=args.fit_steps, lr=args.lr, target_ratio=ratio,
@@ -64,7 +65,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=10_000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", type=float, default=None, help="fit only this target ratio")
-    p.add_argument("--out-dir", type=__import__("pathlib").Path, default=None)
+    p.add_argument("--out-dir", type=Path, default=None, help="default examples/assets")
+    p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     return [fit_one(r, s, args) for r, s in TARGETS if args.only is None or r == args.only]

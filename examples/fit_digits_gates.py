@@ -58,7 +58,7 @@ def fit_one(ratio: float, steps: int, args) -> dict:
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fit-steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--rho", type=float, default=1e-2, help="initial rho (adapted toward the target)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--guidance", type=float, default=1.0)

@@ -39,7 +39,7 @@ def child(args) -> None:
     with torch.no_grad():
         model(x, torch.full((args.batch,), 999), y)
     setup = time.perf_counter() - t0
-    fit_s = 0.0
+    fit_s = fit_cpu = 0.0
     if args.mode == "fit":
 
         def sample(i):
@@ -48,10 +48,13 @@ def child(args) -> None:
                     "cond": torch.randint(0, 1000, (args.batch,), generator=g)}
 
         t1 = time.perf_counter()
+        cpu0 = time.process_time()
         lazypass.fit(model, sample, steps=args.steps, num_inference_steps=args.num_inference_steps, progress=False)
         fit_s = time.perf_counter() - t1
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"mode": args.mode, "peak_mib": peak_kib / 1024, "setup_s": setup, "fit_s": fit_s}))
+        fit_cpu = time.process_time() - cpu0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"mode": args.mode, "peak_mib": usage.ru_maxrss / 1024,  # ru_maxrss is in KiB on Linux
+                      "setup_s": setup, "fit_s": fit_s, "fit_cpu_s": fit_cpu, "cpu_s": usage.ru_utime + usage.ru_stime}))
 
 
 def main() -> None:
@@ -76,14 +79,15 @@ def main() -> None:
         results[mode] = json.loads(out.strip().splitlines()[-1])
     inf, fit = results["inference"], results["fit"]
     rows = [
-        ["apply + one lazy forward (batch %d)" % args.batch, f"{inf['peak_mib']:.0f}", f"{inf['setup_s']:.1f}", "-"],
+        ["apply + one lazy forward (batch %d)" % args.batch, f"{inf['peak_mib']:.0f}", f"{inf['setup_s']:.1f}", "-", "-"],
         [f"+ fit, {args.steps} steps at {args.num_inference_steps} DDIM steps", f"{fit['peak_mib']:.0f}",
-         f"{fit['setup_s']:.1f}", f"{fit['fit_s']:.1f}"],
+         f"{fit['setup_s']:.1f}", f"{fit['fit_s']:.1f}", f"{fit['fit_cpu_s']:.1f}"],
     ]
     print(f"DiT-S/2, {args.input_size}x{args.input_size} latents, batch {args.batch}, torch threads {args.threads}")
-    print(tabulate(rows, headers=["process", "peak RSS (MiB)", "setup (s)", "fit wall time (s)"]))
+    print(tabulate(rows, headers=["process", "peak RSS (MiB)", "setup (s)", "fit wall time (s)", "fit CPU time (s)"]))
     print(f"fit cost: peak_rss={fit['peak_mib']:.0f}MiB (+{fit['peak_mib'] - inf['peak_mib']:.0f}MiB over inference) "
-          f"wall={fit['fit_s']:.0f}s ({fit['fit_s'] / args.steps:.2f}s/step)")
+          f"wall={fit['fit_s']:.0f}s ({fit['fit_s'] / args.steps:.2f}s/step) cpu={fit['fit_cpu_s']:.0f}s "
+          f"load_avg={os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def fit(
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     T = num_inference_steps
-    timesteps = ddim_timesteps(T)
+    ddim_timesteps(T)  # checks the step count
     if T < 2:
         raise ValueError("num_inference_steps must be >= 2: a step needs a previous step to be lazy")
     if not isinstance(calibration_batches, int) or calibration_batches < 1:
@@ -190,12 +190,11 @@ def fit(
     try:
         source = _Source(sample_fn, loss, guidance_scale, world, rank)
         source.batch(0)  # batch size and device
-        gen = torch.Generator().manual_seed(seed)
+        # both run a first full forward, which traces the soft program and creates the gates
         if loss == "distill":
-            it = _distill(model, rt, source, call, channel, T, timesteps, guidance_scale)
+            train = _distill(model, source, call, channel, T, guidance_scale)
         else:
-            it = _diffusion(model, rt, source, call, channel, T, timesteps, gen)
-        train = next(it)  # runs the first full forward: traces the soft program, creating the gates
+            train = _diffusion(model, source, call, channel, T, seed)
         gates = model.lazy_gates
         gate_params = {id(p) for p in gates.parameters()}
         saved_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -459,8 +458,8 @@ def _guide(eps: Tensor, guided: bool, scale: float) -> Tensor:
 # -- the two kinds of training pair ------------------------------------------------------
 
 
-def _distill(model, rt, source, call, channel, T, timesteps, guidance_scale):
-    """Generator: yields the training closure once, then keeps the staggered trajectories."""
+def _distill(model, source, call, channel, T, guidance_scale):
+    """The training closure of self-distillation; it advances the staggered trajectories."""
     guided = guidance_scale != 1.0
     ratio = len(ALPHAS_CUMPROD) // T
     first = source.batch(0)
@@ -468,7 +467,7 @@ def _distill(model, rt, source, call, channel, T, timesteps, guidance_scale):
     device = first["noise"].device
     G = B * source.world
     offset = torch.tensor([((source.rank * B + b) * T) // G for b in range(B)], device=device)
-    steps_t = torch.tensor(timesteps, device=device)
+    steps_t = torch.tensor(ddim_timesteps(T), device=device)
     state = {"u": -int(offset.max()),
              "x": first["noise"].clone(), "cond": first.get("cond"), "null": first.get("null_cond"),
              "prev": None}
@@ -521,22 +520,22 @@ def _distill(model, rt, source, call, channel, T, timesteps, guidance_scale):
         channel.mix, channel.prevs = 0.0, None
         with torch.no_grad():
             call(model, *probe)
-    yield train
+    return train
 
 
-def _diffusion(model, rt, source, call, channel, T, timesteps, gen):
-    """Generator: yields the closure of a noise-prediction step with Y_prev from t_prev."""
+def _diffusion(model, source, call, channel, T, seed):
+    """The training closure of a noise-prediction step, with Y_prev from the full model at t_prev."""
     ratio = len(ALPHAS_CUMPROD) // T
     B = source.size
     G = B * source.world
     lo = source.rank * B
     counter = {"k": 0}
-    steps_t = torch.tensor(timesteps)
+    steps_t = torch.tensor(ddim_timesteps(T))
 
     def batch_inputs(k):
         b = source.batch(k)
         x0 = b["x0"]
-        kgen = torch.Generator().manual_seed(int(gen.initial_seed()) * 1_000_003 + k)
+        kgen = torch.Generator().manual_seed(seed * 1_000_003 + k)
         pos = torch.randint(1, T, (G,), generator=kgen)[lo : lo + B]
         noise = b.get("noise")
         if noise is None:
@@ -562,7 +561,7 @@ def _diffusion(model, rt, source, call, channel, T, timesteps, gen):
     channel.mix, channel.prevs = 0.0, None
     with torch.no_grad():
         call(model, add_noise(x0, noise, t), t, cond)  # traces the soft program, creating the gates
-    yield train
+    return train
 
 
 # -- rho and threshold -------------------------------------------------------------------

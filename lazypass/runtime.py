@@ -122,7 +122,8 @@ class Runtime:
         gm, out_spec = capture(self.model, self.forward, args, kwargs)
         gm = run_passes(gm, self.cfg, ANALYSIS)
         matches = gm.meta["lazypass.matches"]
-        timestep_index = _timestep_index(gm, args, kwargs, shape(matches[0].streams[0].x)[0])
+        batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
+        timestep_index = _timestep_index(gm, args, kwargs, batch)
         layout = [(m.kind, tuple(shape(s.z)[-1] for s in m.streams)) for m in matches]
         gates = getattr(self.model, "lazy_gates", None)
         if gates is None:
@@ -139,7 +140,6 @@ class Runtime:
                 "sites for every input shape"
             )
         gm.meta["lazypass.gates"] = gates
-        batch = shape(matches[0].streams[0].x)[0]
         sites = site_records(gm, self.cfg, batch)
         model_macs = gm.meta["lazypass.model_macs"]
         gm = run_passes(gm, self.cfg, _PASSES[mode])

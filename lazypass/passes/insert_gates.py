@@ -41,7 +41,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     gates = gm.meta["lazypass.gates"]
     graph = gm.graph
     K = cfg.calls_per_step
-    batch = shape(matches[0].streams[0].x)[0]
+    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     timestep = gm.meta["lazypass.timestep"]
     sync = sync_mode(gm, cfg)
 
@@ -93,7 +93,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     skipped, executed, scores = [], [], []
     for i, (m, (valid, caches)) in enumerate(zip(matches, site_state)):
-        last_input = max([s.z for s in m.streams] + m.operands, key=_position(graph))
+        # after the step bookkeeping too: a site may read only graph inputs (StableAudio)
+        last_input = max([s.z for s in m.streams] + m.operands + [slot], key=_position(graph))
         with graph.inserting_after(last_input):
             marker = call(operator.add, 0, 0)  # insertion point; erased below
         with graph.inserting_before(marker):
@@ -109,7 +110,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
             everyone = call(aten.all.default, skip)
             anyone = call(aten.any.default, skip)
-            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches])
+            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches], batch)
             operands = tuple(m.operands + caches + [slot, skip, anyone])
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
@@ -119,7 +120,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 src = _cast(call, out, value(cache).dtype)
                 call(aten.index_copy_.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0))
                 # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
-                ok = _finite_rows(call, src, len(shape(cache)) - 1)
+                ok = _finite_rows(call, src, batch)
                 written = ok if written is None else call(aten.logical_and.default, written, ok)
             call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
         graph.erase_node(marker)
@@ -154,24 +155,29 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _finite_rows(call, node, ndim):
-    """(B,) bool: every value of the sample is finite. One fp32 sum per row: NaN and Inf survive
-    a sum, and a sum that overflows only makes a cache row invalid, which is safe."""
-    dims = list(range(1, ndim))
-    if not dims:
-        return call(aten.isfinite.default, call(aten._to_copy.default, node, dtype=torch.float32))
-    return call(aten.isfinite.default, call(aten.sum.dim_IntList, node, dims, False, dtype=torch.float32))
+def _finite_rows(call, node, batch):
+    """(B,) bool: every value of the sample is finite. One fp32 sum per sample: NaN and Inf survive
+    a sum, and a sum that overflows only makes a cache row invalid, which is safe. Rows are
+    sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
+    the leading dim."""
+    rows = call(aten.reshape.default, node, [batch, -1])
+    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
 
 
 def gate_score(call, gm, gates, i, m, sync=None):
     """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
 
     Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
-    every rank the score of the unsharded model."""
+    every rank the score of the unsharded model. Rows of a site are sample-major, so
+    ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where frames are
+    folded into the leading dim (Latte)."""
+    batch = gm.meta.get("lazypass.batch") or shape(m.streams[0].x)[0]
     logit = None
     for j, s in enumerate(m.streams):
-        rank = len(shape(s.z))
-        summed = call(aten.sum.dim_IntList, s.z, list(range(1, rank - 1)), False, dtype=torch.float32)
+        z = s.z
+        if len(shape(z)) != 3 or shape(z)[0] != batch:
+            z = call(aten.reshape.default, z, [batch, -1, shape(z)[-1]])
+        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
         w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
@@ -218,7 +224,7 @@ def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def _branches(gm, m, i, cache_dtypes):
+def _branches(gm, m, i, cache_dtypes, len_skip):
     """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
     n_out = len(m.streams)
     names = tuple(f"cache_{j}" for j in range(n_out)) + ("slot", "skip", "anyone")
@@ -236,7 +242,12 @@ def _branches(gm, m, i, cache_dtypes):
     mixed, (*caches, slot, skip, _), outs = branch_graph(m, names)
     rows = []
     for out, cache, s, d in zip(outs, caches, m.streams, dtypes):
-        mask = mixed.call_function(aten.reshape.default, (skip, [-1] + [1] * (len(shape(s.y)) - 1)))
+        rows_of, rank = shape(s.y)[0], len(shape(s.y))
+        mask = skip
+        if rows_of != len_skip:  # frames folded into the batch dim: one flag per sample's rows
+            mask = mixed.call_function(aten.reshape.default, (skip, [-1, 1]))
+            mask = mixed.call_function(aten.expand.default, (mask, [len_skip, rows_of // len_skip]))
+        mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
         rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
     mixed.output(tuple(rows))
 

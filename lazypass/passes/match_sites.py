@@ -116,9 +116,16 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             matches.append(m)
             claimed.update(m.nodes)
 
+    timestep = find_timestep(gm, cfg)
+    batch = _model_batch(gm, timestep, matches)
+    folded = [m for m in matches if not _rows_per_sample(m, batch)]
+    for m in folded:
+        log.info("match_sites: skip branch %s: its leading dim is not a multiple of the batch %s", m.path, batch)
+    matches = [m for m in matches if m not in folded]
     gm.meta["lazypass.matches"] = matches
     gm.meta["lazypass.model_macs"] = sum(macs(n) for n in graph.nodes)
-    gm.meta["lazypass.timestep"] = find_timestep(gm, cfg)
+    gm.meta["lazypass.timestep"] = timestep
+    gm.meta["lazypass.batch"] = batch
     log.info("match_sites: %d sites (%s)", len(matches), ", ".join(m.kind for m in matches))
     if not matches:
         raise NoSitesError(
@@ -128,6 +135,56 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             "custom op, export it with the blocks traceable."
         )
     return gm
+
+
+# Arguments read only for their dtype or shape: no data flows through them.  Cosmos'
+# ``time_proj(t).type_as(hidden_states)`` would otherwise put the whole timestep embedding
+# on a path from the hidden stream into every branch.
+_META_ARGS = {
+    "type_as": 1, "expand_as": 1, "view_as": 1, "reshape_as": 1,
+    "empty_like": 0, "zeros_like": 0, "ones_like": 0, "full_like": 0, "rand_like": 0, "randn_like": 0,
+    "new_zeros": 0, "new_ones": 0, "new_empty": 0, "new_full": 0, "sym_size": 0, "size": 0,
+}
+
+
+def _inputs(n: fx.Node) -> list[fx.Node]:
+    """The nodes whose values ``n`` computes with (all inputs but dtype/shape-only ones)."""
+    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    meta = _META_ARGS.get(name.split(".")[0])
+    if meta is None or len(n.args) <= meta or not isinstance(n.args[meta], fx.Node):
+        return n.all_input_nodes
+    skip = n.args[meta]
+    return [p for p in n.all_input_nodes if p is not skip or any(a is p for i, a in enumerate(n.args) if i != meta)]
+
+
+def _users(n: fx.Node) -> list[fx.Node]:
+    return [u for u in n.users if n in _inputs(u)]
+
+
+def _model_batch(gm: fx.GraphModule, timestep: fx.Node | None, matches: list[Match]) -> int | None:
+    """Samples per call: the timestep's length, else the leading dim of the first output.
+
+    Video models fold frames or tokens into the batch dim inside their blocks (Latte's
+    spatial attention runs on ``(B * frames, tokens, D)``), so a site's leading dim can be
+    a multiple of the batch; gates and cache flags stay per sample.
+    """
+    t = shape(timestep) if timestep is not None else None
+    if t and math.prod(t) > 1:
+        return math.prod(t)
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    for leaf in out if isinstance(out, (list, tuple)) else [out]:
+        s = shape(leaf)
+        if s:
+            return s[0]
+    return shape(matches[0].streams[0].x)[0] if matches else None
+
+
+def _rows_per_sample(m: Match, batch: int | None) -> int | None:
+    """How many leading rows of the site belong to one sample (rows are sample-major)."""
+    rows = {shape(n)[0] for s in m.streams for n in (s.z, s.y)}
+    if batch is None or len(rows) != 1 or next(iter(rows)) % batch:
+        return None
+    return next(iter(rows)) // batch
 
 
 def _candidate(add: fx.Node, order) -> _Candidate | None:
@@ -175,13 +232,13 @@ def _between(x: fx.Node, br: fx.Node, order) -> list[fx.Node] | None:
     lo = order[x]
     back, stack = {br}, [br]
     while stack:
-        for p in stack.pop().all_input_nodes:
+        for p in _inputs(stack.pop()):
             if p not in back and order[p] > lo:
                 back.add(p)
                 stack.append(p)
     seen, stack = set(), [x]
     while stack:
-        for u in stack.pop().users:
+        for u in _users(stack.pop()):
             if u in back and u not in seen:
                 seen.add(u)
                 stack.append(u)
@@ -194,7 +251,7 @@ def _dominators(src: fx.Node, region: list[fx.Node]) -> dict[fx.Node, set]:
     """Dominators of each region node for paths that start at ``src`` (region in graph order)."""
     dom = {src: {src}}
     for n in region:
-        preds = [dom[p] for p in n.all_input_nodes if p in dom]
+        preds = [dom[p] for p in _inputs(n) if p in dom]
         dom[n] = set.intersection(*preds) | {n}
     return dom
 
@@ -237,7 +294,7 @@ def _split(c: _Candidate, order) -> bool:
 
     pdom = {c.br: {c.br}}
     for n in reversed(c.region[:-1]):
-        succ = [pdom[u] for u in n.users if u in pdom]
+        succ = [pdom[u] for u in _users(n) if u in pdom]
         pdom[n] = (set.intersection(*succ) if succ else set()) | {n}
     common = set.intersection(*(pdom[h] for h in c.heavy))
     ys = [n for n in sorted(common, key=order.__getitem__) if _batched(n, batch)]
@@ -248,13 +305,13 @@ def _split(c: _Candidate, order) -> bool:
     # F core: on a path from Z to Y.
     down, stack = set(), [c.z]
     while stack:
-        for u in stack.pop().users:
+        for u in _users(stack.pop()):
             if u in inside and u not in down and order[u] <= order[c.y]:
                 down.add(u)
                 stack.append(u)
     up, stack = {c.y}, [c.y]
     while stack:
-        for p in stack.pop().all_input_nodes:
+        for p in _inputs(stack.pop()):
             if p in down and p not in up:
                 up.add(p)
                 stack.append(p)
@@ -342,11 +399,11 @@ def _has_attention(nodes: list[fx.Node], zs: set[fx.Node]) -> bool:
                 return True
     reach = set(zs)
     for n in nodes:
-        if any(p in reach for p in n.all_input_nodes):
+        if any(p in reach for p in _inputs(n)):
             reach.add(n)
     for n, k in zip(nodes, kinds):
         if k in ("matmul", "einsum"):
-            data = [p for p in n.all_input_nodes if p in reach]
+            data = [p for p in _inputs(n) if p in reach]
             if len(data) >= 2:
                 return True
     return False

@@ -68,6 +68,9 @@ def test_dit_cfg_batch_equals_one_label_at_a_time(dit):
         lazypass.reset(pipe.transformer)
         single = _dit(pipe, [label], [seed])
         assert np.abs(single[0] - batched[i]).max() <= 1e-5
+    # run 1 then run 2 with no reset between: the timestep rising again starts a new run
+    again = [_dit(pipe, LABELS, SEEDS) for _ in range(2)]
+    assert (again[0] == batched).all() and (again[1] == batched).all()
 
 
 @pytest.mark.parametrize(

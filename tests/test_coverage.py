@@ -34,7 +34,7 @@ SLOW = {
     "allegro": (4, 2, 0),
     "mochi": (2, 3, 1),
     "ltx": (4, 2, 0),
-    "cogview4": (2, 3, 3),
+    "cogview4": (2, 3, 2),
     "cosmos": (4, 2, 0),
     "stable_audio": (4, 4, 0),
     "qwen_image": (2, 3, 2),

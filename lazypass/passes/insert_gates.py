@@ -125,7 +125,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
         graph.erase_node(marker)
         for out, s in zip(outs, m.streams):
-            out.meta["val"] = value(s.y)
+            out.meta["val"] = _dense_value(value(s.y))
             s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u not in m.nodes)
         for n in reversed(m.nodes):
             graph.erase_node(n)
@@ -224,6 +224,26 @@ def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
+def _dense(g: fx.Graph, node: fx.Node, stream) -> fx.Node:
+    """A contiguous copy where the branch output is not (Sana's conv MLP ends channels-last):
+    the branches of a ``cond`` must agree on strides, and cache reads are contiguous."""
+    y = value(stream.y)
+    if y is None or y.is_contiguous():
+        return node
+    return g.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+
+
+def _dense_value(v):
+    """The example value of a branch output after ``_dense``: same shape, contiguous strides."""
+    if v is None or v.is_contiguous():
+        return v
+    mode = getattr(v, "fake_mode", None)
+    if mode is None:
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    with mode:
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
 def _branches(gm, m, i, cache_dtypes, len_skip):
     """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
     n_out = len(m.streams)
@@ -237,7 +257,7 @@ def _branches(gm, m, i, cache_dtypes, len_skip):
     reuse.output(tuple(_read(reuse, c, slot, *d) for c, d in zip(caches, dtypes)))
 
     compute, _, outs = branch_graph(m, names)
-    compute.output(tuple(outs))
+    compute.output(tuple(_dense(compute, o, s) for o, s in zip(outs, m.streams)))
 
     mixed, (*caches, slot, skip, _), outs = branch_graph(m, names)
     rows = []
@@ -249,7 +269,7 @@ def _branches(gm, m, i, cache_dtypes, len_skip):
             mask = mixed.call_function(aten.expand.default, (mask, [len_skip, rows_of // len_skip]))
         mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
         rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
-    mixed.output(tuple(rows))
+    mixed.output(tuple(_dense(mixed, r, s) for r, s in zip(rows, m.streams)))
 
     decide = fx.Graph()
     inputs = [decide.placeholder(f"operand_{k}") for k in range(len(m.operands))]

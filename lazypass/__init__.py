@@ -7,6 +7,9 @@ from lazypass.gates import LazyGates
 from lazypass.passes import NoSitesError, Site
 from lazypass.report import Stats, report, stats
 from lazypass.runtime import apply, reset, set_threshold, trajectory
+from lazypass.backends import inductor as _inductor
+
+_inductor.register()  # torch.compile(model, backend="lazydit")
 
 __all__ = [
     "FitResult",

@@ -9,7 +9,7 @@ from tabulate import tabulate
 from torch import nn
 
 from lazypass.passes import Site
-from lazypass.runtime import runtime
+from lazypass.runtime import compiled_records, runtime
 
 
 def _macs(n: float) -> str:
@@ -134,11 +134,12 @@ def stats(model: nn.Module) -> Stats:
     """
     rt = runtime(model)
     prog, state = rt.program, rt.state
-    if prog is None or state is None or not state.records:
+    records = compiled_records(rt) if rt.compiled_last else (state.records if state is not None else [])
+    if prog is None or not records:
         sites = prog.sites if prog is not None else []
         n = len(sites)
         return Stats(sites, np.zeros((0, n, 0), bool), np.zeros((0, n), bool), np.zeros((0, n, 0)))
-    skipped = np.stack([r[0].detach().cpu().numpy() for r in state.records])
-    executed = np.stack([r[1].detach().cpu().numpy() for r in state.records])
-    scores = np.stack([r[2].detach().float().cpu().numpy() for r in state.records])
+    skipped = np.stack([r[0].detach().cpu().numpy() for r in records])
+    executed = np.stack([r[1].detach().cpu().numpy() for r in records])
+    scores = np.stack([r[2].detach().float().cpu().numpy() for r in records])
     return Stats(prog.sites, skipped, executed, scores)

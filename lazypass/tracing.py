@@ -22,7 +22,7 @@ class _Capture(nn.Module):
 
 def flatten_inputs(args: tuple, kwargs: dict):
     """Leaves and spec of a call; kwargs are sorted so the order they were given in does not matter."""
-    return pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    return pytree.tree_flatten((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))  # dynamo-traceable
 
 
 def signature(model: nn.Module, leaves, spec) -> tuple:

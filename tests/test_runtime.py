@@ -150,3 +150,66 @@ def test_graph_has_one_cond_per_site_and_no_host_sync(arch):
     assert targets.count(torch.ops.higher_order.cond) == len(sites)
     assert torch.ops.aten._local_scalar_dense.default not in targets
     assert torch.ops.aten.item.default not in targets
+
+
+def test_apply_keeps_the_model_object():
+    arch = ARCHS["diffusers_dit"]
+    model = arch.build()
+    config, cls, blocks = model.config, type(model), model.transformer_blocks
+    same = lazypass.apply(model)
+    assert same is model and type(model) is cls
+    assert model.config is config and model.transformer_blocks is blocks
+    assert model.dtype == torch.float32  # diffusers properties still work
+    args, kwargs = arch.inputs(2, 900, 0)
+    out = model(*args, **{**kwargs, "return_dict": True})  # the output structure is kept
+    assert type(out).__name__ == "Transformer2DModelOutput"
+
+
+def test_unknown_option_is_refused():
+    with pytest.raises(TypeError, match="unknown lazypass option.*'treshold'"):
+        lazypass.apply(ARCHS["ref_dit"].build(), treshold=0.3)
+
+
+def test_threshold_set_before_apply_is_remembered():
+    arch = ARCHS["ref_dit"]
+    model = arch.build()
+    lazypass.set_threshold(model, -0.5)
+    lazypass.apply(model)
+    _run(model, arch, 2, TIMESTEPS[0])
+    _run(model, arch, 2, TIMESTEPS[1])
+    assert lazypass.stats(model).executed[1].all()
+
+
+def test_gates_are_registered_parameters_and_caches_are_not_state():
+    arch = ARCHS["ref_dit"]
+    model = lazypass.apply(arch.build())
+    _run(model, arch, 2, TIMESTEPS[0])
+    names = [n for n, _ in model.named_parameters()]
+    assert any(n.startswith("lazy_gates.") for n in names)
+    assert not any("cache" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("name", ["ref_dit", "sd3"])
+def test_cond_graph_and_eager_twin_agree(name):
+    """The graph compilers and exporters see (cond HOPs) computes what eager mode runs."""
+    arch = ARCHS[name]
+    model = lazypass.apply(arch.build())
+    args, kwargs = arch.inputs(4, 900, 0)
+    lazypass.report(model, *args, print_table=False, **kwargs)
+    _random_gates(model)
+    rt = lazypass.runtime.runtime(model)
+    prog, leaves = rt.program_for(args, kwargs)
+    state = rt.fresh_state(prog, torch.device("cpu")).tensors
+    threshold = torch.tensor(0.5)
+    twin_state = [s.clone() for s in state]
+    with torch.no_grad():
+        for t in TIMESTEPS:
+            args, kwargs = arch.inputs(4, t, 0)
+            _, leaves = rt.program_for(args, kwargs)
+            a = prog.core(*leaves, threshold, *state)
+            b = prog.eager(*leaves, threshold, *twin_state)
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+            for x, y in zip(state, twin_state):
+                assert torch.equal(x, y)
+    assert a[-2].any() or a[-3].any()  # something was skipped on the last step

@@ -1,21 +1,23 @@
-"""Rewrite every matched site into a gated conditional, with the cache state as graph I/O.
+"""Rewrite every matched site into a gated conditional over explicit cache state.
 
-After this pass the graph is *functional*: besides the user's inputs it takes
+After this pass the graph takes, besides the user's inputs,
 
     threshold (0-d f32), last_t (B,) f32, call_index (0-d i64),
     per site: valid (K, B) bool, one cache (K, B, ...) per branch output
 
-and returns, after the user's outputs, the new ``last_t``, ``call_index``, valid flags
-and caches, then ``skipped`` (sites, B) bool, ``executed`` (sites,) bool and
-``scores`` (sites, B) f32.  K is ``calls_per_step``: the k-th call at the same timestep
-uses cache slot k.  Keeping the state explicit is what lets one graph run eagerly
-(the runtime just keeps the returned tensors), under Inductor, and in ONNX/TensorRT
-where mutated buffers would otherwise be frozen into constants.
+and updates the state tensors *in place* (``copy_`` / ``index_copy_``, one cache slot per
+call, like gpt-fast's KV cache): eager mode writes one slot and nothing more, compiled
+graphs keep static buffers (CUDA graphs), and ``torch.export`` functionalises the writes
+into explicit inputs/outputs for ONNX.  After the user's outputs the graph returns
+``skipped`` (sites, B) bool, ``executed`` (sites,) bool and ``scores`` (sites, B) f32.
+K is ``calls_per_step``: the k-th call at the same timestep uses cache slot k; a call past
+K computes in full and leaves its slot invalid.
 
 Per site, per sample ``b``:  ``s_b = sigmoid(sum_streams sum_tokens(Z) . w + bias)``
 (fp32), ``skip_b = s_b > threshold and valid_b``.  The branch becomes
-``cond(all(skip), reuse, compute)``; ``compute`` still takes the cached rows of the
-samples that skip (``where``), so a sample's result never depends on its batch.
+``cond(all(skip), reuse, cond(any(skip), mixed, compute))``; ``mixed`` computes the branch
+and gives the samples that skip their cached rows (``where``), so a sample's result never
+depends on its batch, while the common all/none cases pay for no extra copy.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.distributed import all_reduce, sync_mode
 from lazypass.ops import shape, value
 
 aten = torch.ops.aten
@@ -38,14 +41,14 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     gates = gm.meta["lazypass.gates"]
     graph = gm.graph
     K = cfg.calls_per_step
-    batch = shape(matches[0].streams[0].x)[0]
+    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     timestep = gm.meta["lazypass.timestep"]
+    sync = sync_mode(gm, cfg)
 
     output = next(n for n in graph.nodes if n.op == "output")
     user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-
     specs = []  # (name, shape, dtype) of each state input, in order
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
     def state_input(name, shp, dtype):
         nonlocal anchor
@@ -55,82 +58,84 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
         specs.append((name, tuple(shp), dtype))
         return anchor
 
-    anchor = placeholders[-1]
     threshold = state_input("lazy_threshold", (), torch.float32)
     last_t = state_input("lazy_last_t", (batch,), torch.float32)
     call_index = state_input("lazy_call_index", (), torch.int64)
     site_state = []
     for i, m in enumerate(matches):
         valid = state_input(f"lazy_valid_{i}", (K, batch), torch.bool)
-        caches = []
-        for j, s in enumerate(m.streams):
-            v = value(s.y)
-            caches.append(state_input(f"lazy_cache_{i}_{j}", (K, *v.shape), cfg.cache_torch_dtype or v.dtype))
+        caches = [
+            state_input(f"lazy_cache_{i}_{j}", (K, *value(s.y).shape), cfg.cache_torch_dtype or value(s.y).dtype)
+            for j, s in enumerate(m.streams)
+        ]
         site_state.append((valid, caches))
 
     def call(target, *args, **kwargs):
         return graph.call_function(target, args, kwargs)
 
-    # Step bookkeeping, right after the inputs.
+    # Step bookkeeping, right after the inputs: which cache slot this call uses, and
+    # which samples start a new run (their timestep went up).
     first_use = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
     with graph.inserting_before(first_use):
         if timestep is not None:
             t = call(aten.reshape.default, call(aten._to_copy.default, timestep, dtype=torch.float32), [-1])
             t = call(aten.expand.default, t, [batch])
-            new_run = call(aten.gt.Tensor, t, last_t)
+            not_new = call(aten.le.Tensor, t, last_t)
             same_step = call(aten.all.default, call(aten.eq.Tensor, t, last_t))
-            next_index = call(aten.where.ScalarOther, same_step, call(aten.add.Tensor, call_index, 1), 0)
-            in_range = call(aten.lt.Scalar, next_index, K)
-            slot = call(aten.reshape.default, call(aten.clamp.default, next_index, None, K - 1), [1])
-            not_new = call(aten.logical_not.default, new_run)
-        else:
-            t, next_index, in_range, not_new = last_t, call_index, None, None
-            slot = None
+            index = call(aten.where.ScalarOther, same_step, call(aten.add.Tensor, call_index, 1), 0)
+            in_range = call(aten.lt.Scalar, index, K)
+            slot = call(aten.reshape.default, call(aten.clamp.default, index, None, K - 1), [1])
+            call(aten.copy_.default, last_t, t)
+            call(aten.copy_.default, call_index, index)
+        else:  # every call is a step of its own: one slot
+            not_new = in_range = None
+            slot = call(aten.zeros.default, [1], dtype=torch.int64, device=value(matches[0].streams[0].x).device)
 
-    skipped, executed, scores, new_state = [], [], [], []
+    skipped, executed, scores = [], [], []
     for i, (m, (valid, caches)) in enumerate(zip(matches, site_state)):
-        anchor_node = max((s.z for s in m.streams), key=lambda n: _index(graph, n))
-        last_operand = max(m.operands, key=lambda n: _index(graph, n))
-        if _index(graph, last_operand) > _index(graph, anchor_node):
-            anchor_node = last_operand
-        with graph.inserting_after(anchor_node):
-            marker = call(operator.add, 0, 0)  # placeholder position; replaced below
+        # after the step bookkeeping too: a site may read only graph inputs (StableAudio)
+        last_input = max([s.z for s in m.streams] + m.operands + [slot], key=_position(graph))
+        with graph.inserting_after(last_input):
+            marker = call(operator.add, 0, 0)  # insertion point; erased below
         with graph.inserting_before(marker):
-            keep = valid if not_new is None else call(aten.logical_and.default, valid, not_new)
-            valid_row, reads = _read_slot(call, keep, caches, slot)
-            valid_now = valid_row if in_range is None else call(aten.logical_and.default, valid_row, in_range)
-            reads = [_cast(call, r, value(s.y).dtype) for r, s in zip(reads, m.streams)]
-            score = gate_score(call, gm, gates, i, m)
-            want = call(aten.gt.Tensor, score, threshold)
-            skip = call(aten.logical_and.default, want, valid_now)
+            if not_new is not None:
+                call(aten.logical_and_.default, valid, not_new)
+            row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
+            if in_range is not None:
+                row = call(aten.logical_and.default, row, in_range)
+            score = gate_score(call, gm, gates, i, m, sync)
+            skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
+            if sync is not None:  # a sample skips only where every rank may skip it
+                flags = call(aten._to_copy.default, skip, dtype=torch.int32)
+                skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
             everyone = call(aten.all.default, skip)
-            reuse, compute = _branches(gm, m, i)
-            cond = call(
-                torch.ops.higher_order.cond, everyone, reuse, compute, tuple(m.operands + reads + [skip])
-            )
+            anyone = call(aten.any.default, skip)
+            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches], batch)
+            operands = tuple(m.operands + caches + [slot, skip, anyone])
+            cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
+            written = None if in_range is None else call(
+                aten.expand.default, call(aten.reshape.default, in_range, [1]), [batch])
+            for cache, out in zip(caches, outs):
+                src = _cast(call, out, value(cache).dtype)
+                call(aten.index_copy_.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0))
+                # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
+                ok = _finite_rows(call, src, batch)
+                written = ok if written is None else call(aten.logical_and.default, written, ok)
+            call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
         graph.erase_node(marker)
         for out, s in zip(outs, m.streams):
-            out.meta["val"] = value(s.y)
-            s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u is not cond and u not in m.nodes)
+            out.meta["val"] = _dense_value(value(s.y))
+            s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u not in m.nodes)
         for n in reversed(m.nodes):
             graph.erase_node(n)
-
-        with graph.inserting_before(output):
-            new_valid, new_caches = _write_slot(call, keep, caches, slot, in_range, outs, reads, cfg)
-        new_state.append(new_valid)
-        new_state.extend(new_caches)
         skipped.append(skip)
         executed.append(everyone)
         scores.append(score)
 
     with graph.inserting_before(output):
-        records = [
-            call(aten.stack.default, skipped),
-            call(aten.stack.default, executed),
-            call(aten.stack.default, scores),
-        ]
-    output.args = (tuple(user_outputs) + (t, next_index, *new_state, *records),)
+        records = [call(aten.stack.default, r) for r in (skipped, executed, scores)]
+    output.args = (tuple(user_outputs) + tuple(records),)
     gm.meta["lazypass.state_specs"] = specs
     gm.meta["lazypass.n_user_outputs"] = len(user_outputs)
     graph.lint()
@@ -138,11 +143,9 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     return gm
 
 
-def _index(graph: fx.Graph, node: fx.Node) -> int:
-    for i, n in enumerate(graph.nodes):
-        if n is node:
-            return i
-    raise KeyError(node)
+def _position(graph: fx.Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return order.__getitem__
 
 
 def _cast(call, node, dtype):
@@ -152,44 +155,34 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _read_slot(call, valid, caches, slot):
-    if slot is None:  # no timestep: one slot
-        return call(aten.select.int, valid, 0, 0), [call(aten.select.int, c, 0, 0) for c in caches]
-    row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
-    reads = [call(aten.squeeze.dim, call(aten.index_select.default, c, 0, slot), 0) for c in caches]
-    return row, reads
+def _finite_rows(call, node, batch):
+    """(B,) bool: every value of the sample is finite. One fp32 sum per sample: NaN and Inf survive
+    a sum, and a sum that overflows only makes a cache row invalid, which is safe. Rows are
+    sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
+    the leading dim."""
+    rows = call(aten.reshape.default, node, [batch, -1])
+    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
 
 
-def _write_slot(call, valid, caches, slot, in_range, outs, reads, cfg):
-    new_caches = []
-    for cache, out, read in zip(caches, outs, reads):
-        src = out if in_range is None else call(aten.where.self, in_range, out, read)
-        dtype = cfg.cache_torch_dtype
-        if dtype is not None:
-            src = call(aten._to_copy.default, src, dtype=dtype)
-        if slot is None:
-            new_caches.append(call(aten.unsqueeze.default, src, 0))
-        else:
-            new_caches.append(call(aten.index_copy.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0)))
-    if slot is None:
-        return call(aten.ones_like.default, valid), new_caches
-    row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
-    row = call(aten.logical_or.default, row, in_range)
-    return call(aten.index_copy.default, valid, 0, slot, call(aten.unsqueeze.default, row, 0)), new_caches
-
-
-def gate_score(call, gm, gates, i, m):
+def gate_score(call, gm, gates, i, m, sync=None):
     """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
 
-    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites.
-    """
+    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
+    every rank the score of the unsharded model. Rows of a site are sample-major, so
+    ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where frames are
+    folded into the leading dim (Latte)."""
+    batch = gm.meta.get("lazypass.batch") or shape(m.streams[0].x)[0]
     logit = None
     for j, s in enumerate(m.streams):
-        zs = shape(s.z)
-        summed = call(aten.sum.dim_IntList, s.z, list(range(1, len(zs) - 1)), False, dtype=torch.float32)
+        z = s.z
+        if len(shape(z)) != 3 or shape(z)[0] != batch:
+            z = call(aten.reshape.default, z, [batch, -1, shape(z)[-1]])
+        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
         w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
+    if sync is not None and sync[0] == "sharded":
+        logit = all_reduce(call, logit, "sum", sync[1])
     b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, i)
     return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
 
@@ -199,7 +192,7 @@ def _gate_param(call, gm, name, param):
         setattr(gm, name, param)
     node = gm.graph.get_attr(name)
     node.meta["val"] = torch.empty(param.shape, dtype=param.dtype, device="meta")
-    return call(aten._to_copy.default, node, dtype=torch.float32)
+    return node if param.dtype == torch.float32 else call(aten._to_copy.default, node, dtype=torch.float32)
 
 
 def branch_graph(m, extra: tuple[str, ...] = ()) -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:
@@ -218,27 +211,75 @@ def branch_graph(m, extra: tuple[str, ...] = ()) -> tuple[fx.Graph, list[fx.Node
     return g, extras, [env[s.y] for s in m.streams]
 
 
-def _branches(gm, m, i):
-    names = tuple(f"cache_{j}" for j in range(len(m.streams))) + ("skip",)
+def _read(g: fx.Graph, cache: fx.Node, slot: fx.Node, dtype: torch.dtype, cache_dtype: torch.dtype) -> fx.Node:
+    """One cache slot as a new tensor (index_select copies, so a branch may return it)."""
+    row = g.call_function(aten.squeeze.dim, (g.call_function(aten.index_select.default, (cache, 0, slot)), 0))
+    if dtype == cache_dtype:
+        return row
+    return g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
 
-    # reuse: the cached rows, copied (a cond branch may not return its inputs)
+
+def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
+    setattr(gm, name, fx.GraphModule(torch.nn.Module(), g))
+    return gm.graph.get_attr(name)
+
+
+def _dense(g: fx.Graph, node: fx.Node, stream) -> fx.Node:
+    """A contiguous copy where the branch output is not (Sana's conv MLP ends channels-last):
+    the branches of a ``cond`` must agree on strides, and cache reads are contiguous."""
+    y = value(stream.y)
+    if y is None or y.is_contiguous():
+        return node
+    return g.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+
+
+def _dense_value(v):
+    """The example value of a branch output after ``_dense``: same shape, contiguous strides."""
+    if v is None or v.is_contiguous():
+        return v
+    mode = getattr(v, "fake_mode", None)
+    if mode is None:
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    with mode:
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def _branches(gm, m, i, cache_dtypes, len_skip):
+    """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
+    n_out = len(m.streams)
+    names = tuple(f"cache_{j}" for j in range(n_out)) + ("slot", "skip", "anyone")
+    dtypes = list(zip([value(s.y).dtype for s in m.streams], cache_dtypes))
+
     reuse = fx.Graph()
     for k in range(len(m.operands)):
         reuse.placeholder(f"operand_{k}")
-    *reads, _ = [reuse.placeholder(name) for name in names]
-    reuse.output(tuple(reuse.call_function(aten.clone.default, (r,)) for r in reads))
+    *caches, slot, _, _ = [reuse.placeholder(name) for name in names]
+    reuse.output(tuple(_read(reuse, c, slot, *d) for c, d in zip(caches, dtypes)))
 
-    # compute: F, then the cached rows of the samples that skip
-    compute, (*reads, skip), outs = branch_graph(m, names)
-    mixed = []
-    for out, read, s in zip(outs, reads, m.streams):
-        rows = compute.call_function(aten.reshape.default, (skip, [-1] + [1] * (len(shape(s.y)) - 1)))
-        mixed.append(compute.call_function(aten.where.self, (rows, read, out)))
-    compute.output(tuple(mixed))
+    compute, _, outs = branch_graph(m, names)
+    compute.output(tuple(_dense(compute, o, s) for o, s in zip(outs, m.streams)))
 
-    nodes = []
-    for tag, g in (("reuse", reuse), ("compute", compute)):
-        name = f"lazy_site_{i}_{tag}"
-        setattr(gm, name, fx.GraphModule(torch.nn.Module(), g))
-        nodes.append(gm.graph.get_attr(name))
-    return nodes
+    mixed, (*caches, slot, skip, _), outs = branch_graph(m, names)
+    rows = []
+    for out, cache, s, d in zip(outs, caches, m.streams, dtypes):
+        rows_of, rank = shape(s.y)[0], len(shape(s.y))
+        mask = skip
+        if rows_of != len_skip:  # frames folded into the batch dim: one flag per sample's rows
+            mask = mixed.call_function(aten.reshape.default, (skip, [-1, 1]))
+            mask = mixed.call_function(aten.expand.default, (mask, [len_skip, rows_of // len_skip]))
+        mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
+        rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
+    mixed.output(tuple(_dense(mixed, r, s) for r, s in zip(rows, m.streams)))
+
+    decide = fx.Graph()
+    inputs = [decide.placeholder(f"operand_{k}") for k in range(len(m.operands))]
+    inputs += [decide.placeholder(name) for name in names]
+    mixed_attr = decide.get_attr("mixed")
+    compute_attr = decide.get_attr("compute")
+    inner = decide.call_function(torch.ops.higher_order.cond, (inputs[-1], mixed_attr, compute_attr, tuple(inputs)))
+    decide.output(tuple(decide.call_function(operator.getitem, (inner, j)) for j in range(n_out)))
+    decide_module = torch.nn.Module()
+    decide_module.mixed = fx.GraphModule(torch.nn.Module(), mixed)
+    decide_module.compute = fx.GraphModule(torch.nn.Module(), compute)
+    setattr(gm, f"lazy_site_{i}_decide", fx.GraphModule(decide_module, decide))
+    return _module(gm, f"lazy_site_{i}_reuse", reuse), gm.graph.get_attr(f"lazy_site_{i}_decide")

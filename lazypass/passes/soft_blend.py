@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
-from lazypass.ops import value
+from lazypass.ops import shape, value
 from lazypass.passes.insert_gates import gate_score
 
 aten = torch.ops.aten
@@ -62,6 +62,7 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     ]
 
     raw, scores = [], []
+    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     for i, m in enumerate(matches):
         # every Z comes before every Y (Z dominates the heavy ops, Y post-dominates them)
         last_z = max((s.z for s in m.streams), key=order.__getitem__)
@@ -73,6 +74,8 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             y = value(s.y)
             with graph.inserting_before(s.y.next):
                 w = call(aten._to_copy.default, weight, dtype=y.dtype)
+                if y.shape[0] != batch:  # frames folded into the batch dim: a sample's rows share its weight
+                    w = call(aten.expand.default, call(aten.reshape.default, w, [batch, 1]), [batch, y.shape[0] // batch])
                 w = call(aten.reshape.default, w, [-1] + [1] * (y.dim() - 1))
                 keep = call(aten.rsub.Scalar, w, 1)
                 fresh = call(aten.mul.Tensor, keep, s.y)

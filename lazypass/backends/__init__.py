@@ -1,0 +1,1 @@
+"""Backends: ``torch.compile(model, backend="lazydit")`` (inductor.py); ONNX and TensorRT."""

@@ -1,0 +1,268 @@
+"""``torch.compile(model, backend="lazydit")``: one graph, no recompiles, eager-lazy numbers.
+
+Inductor compiles take a minute or more per model on a small CPU, so most tests swap
+Inductor's ``compile_fx`` for a recorder that runs the graph it is given (everything
+lazypass and dynamo do is still real); one test per case runs the real Inductor on the
+reference DiT, and the diffusers models under real Inductor are marked slow.
+"""
+
+import copy
+import importlib
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import lazypass
+from lazypass.backends.inductor import lazydit_backend
+from tests.archs import ARCHS
+
+TIMESTEPS = (900, 600, 300)
+HOST_SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+COND = torch.ops.higher_order.cond
+
+
+class Recorder:
+    """Stands in for Inductor's ``compile_fx``: keeps each graph it gets, runs it as is."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs, config_patches=None):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+@pytest.fixture
+def recorder(monkeypatch):
+    rec = Recorder()
+    monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", rec)
+    return rec
+
+
+class PostGrad(CustomGraphPass):
+    """Keeps the post-grad graphs Inductor really lowers."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph):
+        self.graphs.append(graph)
+
+    def uuid(self):
+        return None
+
+
+def _targets(graph):
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+def _random_gates(model, seed=1, std=0.5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lazy_gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _pair(arch):
+    """A lazy model and an independent eager-lazy reference with the same random gates."""
+    base = arch.build()
+    ref = lazypass.apply(copy.deepcopy(base))
+    model = lazypass.apply(base)
+    args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
+    for m in (model, ref):
+        lazypass.report(m, *args, print_table=False, **kwargs)  # trace eagerly
+    _random_gates(model)
+    ref.lazy_gates.load_state_dict(model.lazy_gates.state_dict())
+    return model, ref
+
+
+def _step(fn, arch, t, seed):
+    args, kwargs = arch.inputs(2, t, seed)
+    with torch.no_grad():
+        return arch.output(fn(*args, **kwargs))
+
+
+def _same_run(compiled, model, ref, arch, timesteps, seed=0, tol=1e-4):
+    for k, t in enumerate(timesteps):
+        got, want = _step(compiled, arch, t, seed + k), _step(ref, arch, t, seed + k)
+        assert (got - want).abs().max() <= tol, f"t={t}"
+    mine, theirs = lazypass.stats(model), lazypass.stats(ref)
+    assert (mine.skipped == theirs.skipped).all() and (mine.executed == theirs.executed).all()
+    return mine
+
+
+def _scenario(arch, backend, compiles):
+    """Mixed decisions, forced skip, threshold changes, resets and new trajectories on one compile."""
+    model, ref = _pair(arch)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
+
+    st = _same_run(compiled, model, ref, arch, TIMESTEPS)
+    mixed = st.skipped.any(axis=2) & ~st.skipped.all(axis=2)
+    assert mixed.any(), "random gates gave no mixed decisions; pick another seed"
+    assert compiles() == 1
+
+    for m in (model, ref):  # forced skip from the second step on
+        lazypass.reset(m)
+        lazypass.set_threshold(m, -0.5)
+    st = _same_run(compiled, model, ref, arch, TIMESTEPS, seed=10)
+    assert not st.executed[0].any() and st.executed[1:].all()
+
+    for m in (model, ref):
+        lazypass.set_threshold(m, 1.5)  # never skip, same graph
+    _same_run(compiled, model, ref, arch, TIMESTEPS[:2], seed=20)  # timestep rises: a new run
+    assert not lazypass.stats(model).skipped[-2:].any()
+
+    lazypass.set_threshold(model, -0.5)
+    lazypass.set_threshold(ref, -0.5)
+    with lazypass.trajectory(model), lazypass.trajectory(ref):
+        st = _same_run(compiled, model, ref, arch, TIMESTEPS, seed=30)
+        assert st.executed[1:].all() and len(st.executed) == 3
+    assert compiles() == 1, "a decision, threshold, reset or trajectory change recompiled"
+    return model
+
+
+def _check_graph(graph, n_sites):
+    targets = _targets(graph)
+    assert targets.count(COND) == n_sites
+    assert not HOST_SYNC & set(targets)
+
+
+def _check_post_grad(graphs, n_sites):
+    """The graphs Inductor lowers (the outer one and the branch subgraphs): conds kept whole."""
+    outer = max(graphs, key=lambda g: len(g.nodes))
+    assert _targets(outer).count(COND) == n_sites
+    assert not any(HOST_SYNC & set(_targets(g)) for g in graphs)
+
+
+# -- registration and options ------------------------------------------------------------
+
+def test_backend_is_registered_and_declared_as_entry_point():
+    assert torch._dynamo.lookup_backend("lazydit") is lazydit_backend
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    target = pyproject["project"]["entry-points"]["torch_dynamo_backends"]["lazydit"]
+    module, name = target.split(":")
+    assert getattr(importlib.import_module(module), name) is lazydit_backend
+
+
+def test_unknown_option_is_an_error():
+    gm = torch.fx.symbolic_trace(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="unknown lazypass option.*'treshold'"):
+        lazydit_backend(gm, [torch.randn(1, 2)], options={"treshold": 0.5})
+
+
+def test_untraced_lazy_model_is_a_clear_error(recorder):
+    arch = ARCHS["ref_dit"]
+    model = lazypass.apply(arch.build())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lazydit", fullgraph=True)
+    with pytest.raises(Exception, match="has not been traced for these inputs"):
+        _step(compiled, arch, 900, 0)
+
+
+# -- a lazy model (lazypass.apply, then torch.compile) ----------------------------------
+
+@pytest.mark.parametrize("name", ["ref_dit", "diffusers_dit", "pixart"])
+def test_lazy_model_one_graph_no_recompiles(name, recorder):
+    arch = ARCHS[name]
+    model = _scenario(arch, "lazydit", lambda: len(recorder.graphs))
+    _check_graph(recorder.graphs[0].graph, len(model.lazy_gates.layout))
+
+
+def _real_inductor(name):
+    arch = ARCHS[name]
+    post_grad = PostGrad()
+    compiles = []
+
+    def counting(gm, example_inputs, **kw):
+        compiles.append(gm)
+        return lazydit_backend(gm, example_inputs, **kw)
+
+    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False):
+        model = _scenario(arch, counting, lambda: len(compiles))
+    n_sites = len(model.lazy_gates.layout)
+    _check_graph(compiles[0].graph, n_sites)
+    _check_post_grad(post_grad.graphs, n_sites)
+
+
+def test_lazy_model_real_inductor_ref_dit():
+    _real_inductor("ref_dit")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["diffusers_dit", "pixart"])
+def test_lazy_model_real_inductor_diffusers(name):
+    _real_inductor(name)
+
+
+# -- a model that is not lazy: the backend runs the passes ------------------------------
+
+def _plain_pair(arch):
+    base = arch.build()
+    ref = lazypass.apply(copy.deepcopy(base))
+    args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
+    lazypass.report(ref, *args, print_table=False, **kwargs)
+    _random_gates(ref)
+    return base, ref
+
+
+def _plain_run(compiled, ref, arch, seed=0):
+    for k, t in enumerate(TIMESTEPS + TIMESTEPS[:2]):  # two runs: the rising timestep resets caches
+        got, want = _step(compiled, arch, t, seed + k), _step(ref, arch, t, seed + k)
+        assert (got - want).abs().max() <= 1e-4, f"call {k}"
+    st = lazypass.stats(ref)
+    assert (st.skipped.any(axis=2) & ~st.skipped.all(axis=2)).any(), "no mixed decisions"
+    return st
+
+
+@pytest.mark.parametrize("how", ["gates", "file"])
+def test_plain_model_runs_the_pass(how, recorder, tmp_path):
+    from safetensors.torch import save_file
+
+    arch = ARCHS["ref_dit"]
+    base, ref = _plain_pair(arch)
+    gates = copy.deepcopy(ref.lazy_gates)
+    if how == "file":
+        gates = tmp_path / "gates.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.lazy_gates.state_dict().items()}, gates)
+    torch._dynamo.reset()
+    compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False, options={"gates": gates})
+    _plain_run(compiled, ref, arch)
+    assert len(recorder.graphs) == 1
+    _check_graph(recorder.graphs[0].graph, len(ref.lazy_gates.layout))
+
+
+def test_plain_model_with_zero_gates_is_unchanged(recorder):
+    arch = ARCHS["pixart"]
+    base = arch.build()
+    ref = copy.deepcopy(base)
+    torch._dynamo.reset()
+    compiled = torch.compile(base, backend="lazydit", fullgraph=True, options={"threshold": 0.7})
+    for k, t in enumerate(TIMESTEPS):
+        assert (_step(compiled, arch, t, k) - _step(ref, arch, t, k)).abs().max() <= 1e-5
+    assert _targets(recorder.graphs[0].graph).count(COND) == 6
+
+
+def test_plain_model_gates_of_other_sites_are_an_error(recorder):
+    arch = ARCHS["ref_dit"]
+    wrong = lazypass.LazyGates([("attn", (16,))])
+    torch._dynamo.reset()
+    compiled = torch.compile(arch.build(), backend="lazydit", options={"gates": wrong})
+    with pytest.raises(Exception, match="gates were made for other sites"):
+        _step(compiled, arch, 900, 0)
+
+
+@pytest.mark.slow
+def test_plain_model_real_inductor():
+    arch = ARCHS["ref_dit"]
+    base, ref = _plain_pair(arch)
+    post_grad = PostGrad()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False):
+        compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False,
+                                 options={"gates": copy.deepcopy(ref.lazy_gates)})
+        _plain_run(compiled, ref, arch)
+    _check_post_grad(post_grad.graphs, len(ref.lazy_gates.layout))

@@ -78,7 +78,7 @@ def test_static_schedule():
 
 def test_main_job_smoke(tmp_path, capsys):
     results = digits.main(["--samples", "10", "--guidance", "1", "--latency-images", "1",
-                           "--latency-repeats", "1", "--out", str(tmp_path)])  # fmt: skip
+                           "--latency-repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
     r = results[1.0]
     out = capsys.readouterr().out
     assert "gap closed" in out and "headline" in out

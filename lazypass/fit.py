@@ -167,9 +167,11 @@ def fit(
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     T = num_inference_steps
-    timesteps = ddim_timesteps(T)
+    ddim_timesteps(T)  # checks the step count
     if T < 2:
         raise ValueError("num_inference_steps must be >= 2: a step needs a previous step to be lazy")
+    if not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ValueError(f"calibration_batches must be an int >= 1, got {calibration_batches!r}")
     if target_ratio is not None and not 0.0 <= target_ratio <= (T - 1) / T:
         raise ValueError(
             f"target_ratio must be in [0, {(T - 1) / T:.3f}]: the first of {T} steps always computes, got {target_ratio!r}"
@@ -188,12 +190,11 @@ def fit(
     try:
         source = _Source(sample_fn, loss, guidance_scale, world, rank)
         source.batch(0)  # batch size and device
-        gen = torch.Generator().manual_seed(seed)
+        # both run a first full forward, which traces the soft program and creates the gates
         if loss == "distill":
-            it = _distill(model, rt, source, call, channel, T, timesteps, guidance_scale)
+            train = _distill(model, source, call, channel, T, guidance_scale)
         else:
-            it = _diffusion(model, rt, source, call, channel, T, timesteps, gen)
-        train = next(it)  # runs the first full forward: traces the soft program, creating the gates
+            train = _diffusion(model, source, call, channel, T, seed)
         gates = model.lazy_gates
         gate_params = {id(p) for p in gates.parameters()}
         saved_flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -218,7 +219,7 @@ def fit(
             per_row = ((out.float() - target.float()) ** 2).flatten(1).mean(1)
             fidelity = (per_row * m).sum() / rows
             if control and control.auto:
-                control.start(_mean(fidelity.detach(), world))
+                control.start(_sum([fidelity.detach() / world], world)[0])
             rho_a, rho_f = control.rhos if control else rhos
             w = torch.where(attn.to(scores.device), rho_a, rho_f)[:, None]
             lazy_loss = ((1 - scores) * w).sum(0).mul(m).sum() / rows
@@ -227,12 +228,10 @@ def fit(
             total.backward()
             opt.step()
             above = ((scores > rt.threshold) & mask[None]).float().sum()
-            numbers = torch.stack([fidelity.detach().float(), total.detach().float(), above, mask.sum().float()])
-            if world > 1:
-                dist.all_reduce(numbers)
-                numbers[:2] /= world
-            fid, tot = float(numbers[0]), float(numbers[1])
-            frac = float(numbers[2] / max(float(numbers[3]) * len(kinds), 1.0))
+            fid, tot, above, counted = _sum(
+                [fidelity.detach() / world, total.detach() / world, above, mask.sum()], world
+            )
+            frac = above / max(counted * len(kinds), 1.0)
             result.loss.append(tot)
             result.fidelity.append(fid)
             result.lazy.append(frac)
@@ -459,8 +458,8 @@ def _guide(eps: Tensor, guided: bool, scale: float) -> Tensor:
 # -- the two kinds of training pair ------------------------------------------------------
 
 
-def _distill(model, rt, source, call, channel, T, timesteps, guidance_scale):
-    """Generator: yields the training closure once, then keeps the staggered trajectories."""
+def _distill(model, source, call, channel, T, guidance_scale):
+    """The training closure of self-distillation; it advances the staggered trajectories."""
     guided = guidance_scale != 1.0
     ratio = len(ALPHAS_CUMPROD) // T
     first = source.batch(0)
@@ -468,7 +467,7 @@ def _distill(model, rt, source, call, channel, T, timesteps, guidance_scale):
     device = first["noise"].device
     G = B * source.world
     offset = torch.tensor([((source.rank * B + b) * T) // G for b in range(B)], device=device)
-    steps_t = torch.tensor(timesteps, device=device)
+    steps_t = torch.tensor(ddim_timesteps(T), device=device)
     state = {"u": -int(offset.max()),
              "x": first["noise"].clone(), "cond": first.get("cond"), "null": first.get("null_cond"),
              "prev": None}
@@ -521,22 +520,22 @@ def _distill(model, rt, source, call, channel, T, timesteps, guidance_scale):
         channel.mix, channel.prevs = 0.0, None
         with torch.no_grad():
             call(model, *probe)
-    yield train
+    return train
 
 
-def _diffusion(model, rt, source, call, channel, T, timesteps, gen):
-    """Generator: yields the closure of a noise-prediction step with Y_prev from t_prev."""
+def _diffusion(model, source, call, channel, T, seed):
+    """The training closure of a noise-prediction step, with Y_prev from the full model at t_prev."""
     ratio = len(ALPHAS_CUMPROD) // T
     B = source.size
     G = B * source.world
     lo = source.rank * B
     counter = {"k": 0}
-    steps_t = torch.tensor(timesteps)
+    steps_t = torch.tensor(ddim_timesteps(T))
 
     def batch_inputs(k):
         b = source.batch(k)
         x0 = b["x0"]
-        kgen = torch.Generator().manual_seed(int(gen.initial_seed()) * 1_000_003 + k)
+        kgen = torch.Generator().manual_seed(seed * 1_000_003 + k)
         pos = torch.randint(1, T, (G,), generator=kgen)[lo : lo + B]
         noise = b.get("noise")
         if noise is None:
@@ -562,7 +561,7 @@ def _diffusion(model, rt, source, call, channel, T, timesteps, gen):
     channel.mix, channel.prevs = 0.0, None
     with torch.no_grad():
         call(model, add_noise(x0, noise, t), t, cond)  # traces the soft program, creating the gates
-    yield train
+    return train
 
 
 # -- rho and threshold -------------------------------------------------------------------
@@ -572,8 +571,8 @@ class _Controller:
     """Control of log rho toward a lazy ratio, measured on the training rows (fraction of scores above the threshold).
 
     Without a rho from the user, the start is set from the first fidelity so that the lazy
-    loss starts at the same size (the useful rho depends on the model's scale: 1e-7 to
-    1e-2 in the paper).
+    loss starts at a tenth of it (the useful rho depends on the model's output scale: the
+    paper sweeps 1e-7 to 1e-2); starting higher overshoots, the gates lagging behind rho.
     """
 
     def __init__(self, target: float, T: int, rhos: tuple[float, float], auto: bool, sites: int):
@@ -592,7 +591,7 @@ class _Controller:
 
     def start(self, fidelity: float) -> None:
         self.auto = False
-        self.log_rho = self.integral = math.log(max(fidelity, 1e-12) / (0.5 * self.sites))
+        self.log_rho = self.integral = math.log(max(fidelity, 1e-12) / (5.0 * self.sites))
 
     def update(self, frac: float) -> None:
         self.ema = frac if self.ema is None else 0.9 * self.ema + 0.1 * frac
@@ -609,7 +608,7 @@ def _lazy_sampling(model, rt, batches, call, T, guidance_scale, world):
     """Lazy DDIM runs at the current threshold: (lazy ratio, recorded scores once caches are valid)."""
     guided = guidance_scale != 1.0
     ratio = len(ALPHAS_CUMPROD) // T
-    counts = torch.zeros(2, dtype=torch.float64)
+    skipped, total = 0.0, 0.0
     scores = []
     for k, batch in enumerate(batches):
         x = batch.get("noise")
@@ -624,14 +623,14 @@ def _lazy_sampling(model, rt, batches, call, T, guidance_scale, world):
                 x = _ddim_rows(x, eps, tt, ratio)
             st = stats(model)
         first = max(st.skipped.shape[0] // T, 1)  # calls of the first step: caches not valid yet
-        counts += torch.tensor([float(st.skipped.sum()), float(st.skipped.size)], dtype=torch.float64)
+        skipped += float(st.skipped.sum())
+        total += float(st.skipped.size)
         scores.append(st.scores[first:].ravel())
-    if world > 1:
-        dist.all_reduce(counts)
-    return float(counts[0] / counts[1]), np.concatenate(scores)
+    skipped, total = _sum([skipped, total], world)
+    return skipped / total, np.concatenate(scores)
 
 
-def _calibrate(model, rt, batch, call, T, guidance_scale, world, target, ratio, scores, tol=0.005, tries=8):
+def _calibrate(model, rt, batch, call, T, guidance_scale, world, target, ratio, scores, tol=0.01, tries=6):
     """Set the threshold so lazy sampling on ``batch`` hits ``target``; returns the ratio reached."""
     lo, hi = -1.0, 2.0  # thresholds giving too many / too few skips
     best = (abs(ratio - target), rt.threshold, ratio)
@@ -645,10 +644,7 @@ def _calibrate(model, rt, batch, call, T, guidance_scale, world, target, ratio, 
             hi = min(hi, thr)
         level = 1.0 - min(max(target * T / (T - 1), 0.0), 1.0)
         guess = float(np.quantile(scores, level)) if scores.size else 0.5 * (lo + hi)
-        if world > 1:
-            g = torch.tensor([guess], dtype=torch.float64)
-            dist.all_reduce(g)
-            guess = float(g[0]) / world
+        guess = _sum([guess / world], world)[0]  # every rank must pick the same threshold
         thr = guess if lo < guess < hi else 0.5 * (max(lo, 0.0) + min(hi, 1.0))
         if not lo < thr < hi:
             thr = 0.5 * (lo + hi)
@@ -663,12 +659,14 @@ def _calibrate(model, rt, batch, call, T, guidance_scale, world, target, ratio, 
 # -- plumbing ------------------------------------------------------------------------------
 
 
-def _mean(value: Tensor, world: int) -> float:
-    if world > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= world
-    return float(value)
+def _sum(values: list, world: int) -> list[float]:
+    """Sums over all processes (one all-reduce) of scalars or 0-d tensors, as floats."""
+    if world == 1:
+        return [float(v) for v in values]
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def _rhos(cfg, rho, rho_attn, rho_ffn) -> tuple[float, float]:

@@ -11,8 +11,10 @@ is read on the host and nothing branches in Python on a tensor.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import operator
+import types
 
 import math
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ from torch.utils import _pytree as pytree
 from lazypass.config import LazyConfig, check_threshold
 from lazypass.gates import LazyGates
 from lazypass.ops import shape
-from lazypass.passes import ANALYSIS, INFERENCE, TRAINING, Site, run_passes
+from lazypass.passes import ANALYSIS, INFERENCE, TRAINING, NoSitesError, Site, run_passes
 from lazypass.passes.match_sites import site_records
 from lazypass.tracing import capture, flatten_inputs, signature
 
@@ -94,11 +96,27 @@ class Runtime:
             key = key + (mode,)
         prog = self.programs.get(key)
         if prog is None:
-            prog = self._trace(key, args, kwargs, mode)
+            _check_timestep_arg(self.forward, self.cfg, args, kwargs)
+            try:
+                prog = self._trace(key, args, kwargs, mode)
+            except NoSitesError as e:
+                if not self.programs:  # nothing lazy about this model: give it back unchanged
+                    _undo(self.model)
+                    raise NoSitesError(
+                        f"{e} The model was left as it was before lazypass.apply and runs normally."
+                    ) from None
+                raise
             self.programs[key] = prog
             if mode == "hard":
                 self.live[key] = _live_state(self, prog, _device(leaves, self.model))
         return prog, leaves
+
+    def __deepcopy__(self, memo):
+        # a copy of a lazy model gets its own runtime: no shared caches, programs traced again
+        # for the copy's weights and gates (traced graphs hold fake tensors that cannot be copied)
+        rt = Runtime(copy.deepcopy(self.model, memo), self.cfg, copy.deepcopy(self.forward, memo))
+        rt.threshold = self.threshold
+        return rt
 
     def _trace(self, key, args, kwargs, mode: str = "hard") -> Program:
         gm, out_spec = capture(self.model, self.forward, args, kwargs)
@@ -163,7 +181,6 @@ class Runtime:
 
     # -- calling -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        _refuse_python_timestep(self.forward, self.cfg, args, kwargs)
         prog, leaves = self.program_for(args, kwargs)
         device = _device(leaves, self.model)
         state = self.state
@@ -220,15 +237,23 @@ def _device(leaves, model) -> torch.device:
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
-def _refuse_python_timestep(forward, cfg: LazyConfig, args: tuple, kwargs: dict) -> None:
-    """A timestep given as a Python number would be traced as a constant of the graph: every
-    step would retrace and start from empty caches, and an exported graph would hold one
-    fixed step. Refuse it rather than silently never being lazy."""
+def _check_timestep_arg(forward, cfg: LazyConfig, args: tuple, kwargs: dict) -> None:
+    """Before tracing, check the argument named like a timestep (or ``timestep_arg``).
+
+    A Python number would be traced as a constant of the graph: every step would retrace
+    and start from empty caches, and an exported graph would hold one fixed step. A tensor
+    of shape (B, 1) or with the wrong length often broadcasts silently inside the model.
+    Both are refused here, before they can reach a graph; after tracing, the input found
+    to feed the timestep embedding is checked again by ``_timestep_index``.
+    """
     names = (cfg.timestep_arg,) if cfg.timestep_arg else _TIMESTEP_NAMES
     try:
         bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
     except (TypeError, ValueError):
         bound = kwargs
+    # the batch is the leading dim of the first tensor input in signature order (hidden_states)
+    batch = next((x.shape[0] for x in pytree.tree_leaves(list(bound.values()))
+                  if isinstance(x, torch.Tensor) and x.dim() >= 2), None)
     for name in names:
         v = bound.get(name)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -237,6 +262,18 @@ def _refuse_python_timestep(forward, cfg: LazyConfig, args: tuple, kwargs: dict)
                 f"torch.full((batch,), {v!r}) (a number would be traced as a constant, so the model "
                 "could not tell the sampling steps apart)"
             )
+        if isinstance(v, torch.Tensor):
+            _check_timestep_shape(name, v, batch)
+
+
+def _check_timestep_shape(name: str, t: torch.Tensor, batch: int | None) -> None:
+    if t.dim() == 0 or (t.dim() == 1 and (batch is None or t.shape[0] in (1, batch))):
+        return
+    want = f"({batch},)" if batch is not None else "(batch,)"
+    raise ValueError(
+        f"the timestep {name!r} has shape {tuple(t.shape)}; lazypass needs a 0-d tensor, shape (1,) "
+        f"or one timestep per sample, shape {want} (reshape it, e.g. t.reshape(-1))"
+    )
 
 
 def _timestep_index(gm: fx.GraphModule, args: tuple, kwargs: dict, batch: int) -> int | None:
@@ -247,12 +284,8 @@ def _timestep_index(gm: fx.GraphModule, args: tuple, kwargs: dict, batch: int) -
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = placeholders.index(node)
     leaves, _ = flatten_inputs(args, kwargs)
-    t = leaves[index]
-    if isinstance(t, torch.Tensor) and not (t.dim() == 0 or (t.dim() == 1 and t.shape[0] in (1, batch))):
-        raise ValueError(
-            f"the timestep input {node.target!r} has shape {tuple(t.shape)}; lazypass needs a 0-d "
-            f"tensor, shape (1,) or one timestep per sample, shape ({batch},)"
-        )
+    if isinstance(leaves[index], torch.Tensor):
+        _check_timestep_shape(str(node.target), leaves[index], batch)
     return index
 
 
@@ -349,16 +382,25 @@ def apply(
     if pending is not None:
         rt.set_threshold(pending)
 
-    def forward(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            return _compiled_call(rt, args, kwargs)
-        return rt(*args, **kwargs)
-
-    forward.__doc__ = f"Lazy forward of {type(model).__name__} (lazypass)."
-    model.forward = forward
+    # a bound method, not a closure: copy.deepcopy(model) rebinds it to the copy
+    model.forward = types.MethodType(_lazy_forward, model)
     if example_inputs is not None or example_kwargs is not None:
         rt.program_for(tuple(example_inputs or ()), dict(example_kwargs or {}))
     return model
+
+
+def _lazy_forward(self, *args, **kwargs):
+    """Lazy forward (lazypass): gated branches with per-run caches."""
+    rt = runtime(self)
+    if torch.compiler.is_compiling():
+        return _compiled_call(rt, args, kwargs)
+    return rt(*args, **kwargs)
+
+
+def _undo(model: nn.Module) -> None:
+    """Put the model back as it was before ``apply`` (used when no site was found)."""
+    model.__dict__.pop("_lazypass", None)
+    model.__dict__.pop("forward", None)
 
 
 def reset(model: nn.Module) -> None:

@@ -34,14 +34,14 @@ def tiny_vae(seed: int = 0):
 
 def dit_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """A DiTPipeline with a 2-block DiTTransformer2DModel on 8x8x4 latents (1000 classes + null)."""
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, EulerDiscreteScheduler
 
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1,
     )
-    sched = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler}[scheduler]()
+    sched = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]()  # long / float timesteps
     pipe = DiTPipeline(transformer=_nonzero(transformer, seed), vae=tiny_vae(seed), scheduler=sched,
                        id2label={i: f"class {i}" for i in range(1000)})
     pipe.set_progress_bar_config(disable=True)
@@ -92,7 +92,8 @@ def dit_split_cfg(pipe, class_labels, generator, num_inference_steps, guidance_s
             cond = tr(x, timestep=ts, class_labels=labels).sample
             uncond = tr(x, timestep=ts, class_labels=null).sample
             eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-            latents = sched.step(eps, t, latents).prev_sample
+            # DiTPipeline steps from the *scaled* input (the same for DDIM, not for Euler); so do we
+            latents = sched.step(eps, t, x).prev_sample
         return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
 
 

@@ -18,7 +18,14 @@ key/value projections of a text context in cross-attention).  Whatever else ``F`
 becomes an operand of the conditional.  Two candidates that share heavy ops (joint
 text/image attention, where one sdpa feeds two residual streams) become one site with
 several streams.  A candidate whose region holds another candidate's residual add is an
-outer wrapper around a block, not a branch, and is dropped in favour of the inner ones.
+outer wrapper around a block, not a branch, and is dropped in favour of the inner ones,
+unless an inner residual add dominates its branch (AuraFlow adds the MLP output onto the
+block input while the MLP reads ``x + attn``): then the branch starts at that add.
+
+Paths follow data only: an argument read for its dtype or shape (``type_as``, ``*_like``)
+is no edge, and ``x`` may be reached through a same-shape cast (``x.float()``).  Rows of a
+site are sample-major; the model batch is the timestep's length, so a site may hold several
+rows per sample (video models fold frames into the batch dim) but not a fraction of one.
 """
 
 from __future__ import annotations
@@ -118,10 +125,10 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     timestep = find_timestep(gm, cfg)
     batch = _model_batch(gm, timestep, matches)
-    folded = [m for m in matches if not _rows_per_sample(m, batch)]
-    for m in folded:
+    misfits = [m for m in matches if not _rows_per_sample(m, batch)]
+    for m in misfits:
         log.info("match_sites: skip branch %s: its leading dim is not a multiple of the batch %s", m.path, batch)
-    matches = [m for m in matches if m not in folded]
+    matches = [m for m in matches if m not in misfits]
     gm.meta["lazypass.matches"] = matches
     gm.meta["lazypass.model_macs"] = sum(macs(n) for n in graph.nodes)
     gm.meta["lazypass.timestep"] = timestep

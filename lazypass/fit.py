@@ -391,9 +391,9 @@ class _Source:
         for leaf in pytree.tree_leaves(cond):
             if isinstance(leaf, Tensor) and (leaf.dim() == 0 or leaf.shape[0] != size):
                 raise ValueError(f"sample_fn({i}): every conditioning tensor needs the batch ({size}) as first dim")
-        if self.guided:
-            if "null_cond" not in b:
-                raise ValueError('guidance_scale != 1 needs sample_fn to return "null_cond" (e.g. the null class id)')
+        if self.guided and "null_cond" not in b:
+            raise ValueError('guidance_scale != 1 needs sample_fn to return "null_cond" (e.g. the null class id)')
+        if "null_cond" in b:  # a 0-d null class id is allowed: give it the batch dim
             b["null_cond"] = _expand_like(b["null_cond"], cond)
         self._cache = {k: v for k, v in self._cache.items() if k >= i - 1}
         self._cache[i] = b

@@ -50,6 +50,18 @@ def capture(model: nn.Module, forward, args: tuple, kwargs: dict) -> tuple[fx.Gr
     flat outputs; ``pytree.tree_unflatten(out, out_spec)`` rebuilds the user's structure.
     """
     kwargs = dict(sorted(kwargs.items()))
+    # One tensor passed for two inputs would become one graph input, and later calls with
+    # different tensors would read the first for both: give every input its own tensor.
+    seen: set[int] = set()
+
+    def distinct(leaf):
+        if isinstance(leaf, torch.Tensor):
+            if id(leaf) in seen:
+                return leaf.clone()
+            seen.add(id(leaf))
+        return leaf
+
+    args, kwargs = pytree.tree_map(distinct, (tuple(args), kwargs))
     with torch.no_grad():
         ep = torch.export.export(_Capture(model, forward), tuple(args), kwargs, strict=False)
     gm = ep.module()

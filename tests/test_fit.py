@@ -284,3 +284,16 @@ def test_two_processes_match_one(tmp_path):
     assert scale > 1e-3  # the gates moved
     for k in single:
         assert (single[k] - ranks[0][k]).abs().max() <= 1e-5 * max(1.0, float(scale)), k
+
+
+def test_fit_accepts_a_0d_null_class_id():
+    model = lazypass.apply(lively_dit())
+    base = class_batches(4)
+
+    def sample_fn(i):
+        return {**base(i), "null_cond": torch.tensor(10)}  # one id for every row
+
+    result = _fit(model, sample_fn=sample_fn, steps=2, guidance_scale=1.0)
+    assert len(result.loss) == 2
+    result = _fit(model, sample_fn=sample_fn, steps=2, guidance_scale=2.0)
+    assert len(result.loss) == 2

@@ -213,3 +213,15 @@ def test_cond_graph_and_eager_twin_agree(name):
             for x, y in zip(state, twin_state):
                 assert torch.equal(x, y)
     assert a[-2].any() or a[-3].any()  # something was skipped on the last step
+
+
+def test_one_tensor_for_two_inputs_at_trace_time_does_not_alias_them():
+    arch = ARCHS["ref_dit"]
+    ref = arch.build()
+    model = lazypass.apply(arch.build())
+    x, t = torch.randn(2, 4, 8, 8), torch.zeros(2, dtype=torch.long)
+    with torch.no_grad():
+        model(x, t, t)  # traced with the same tensor as timestep and label
+        lazypass.reset(model)
+        t2, y2 = torch.tensor([5, 6]), torch.tensor([3, 4])
+        assert torch.equal(model(x, t2, y2), ref(x, t2, y2))

@@ -1,6 +1,8 @@
 """lazypass: LazyDiT as a compiler pass. Learned in-graph skip gates for diffusion transformers."""
 
+from lazypass.checkpoint import load_gates, save_gates
 from lazypass.config import LazyConfig
+from lazypass.fit import FitResult, fit
 from lazypass.gates import LazyGates
 from lazypass.passes import NoSitesError, Site
 from lazypass.report import Stats, report, stats
@@ -10,14 +12,18 @@ from lazypass.backends import inductor as _inductor
 _inductor.register()  # torch.compile(model, backend="lazydit")
 
 __all__ = [
+    "FitResult",
     "LazyConfig",
     "LazyGates",
     "NoSitesError",
     "Site",
     "Stats",
     "apply",
+    "fit",
+    "load_gates",
     "report",
     "reset",
+    "save_gates",
     "set_threshold",
     "stats",
     "trajectory",

@@ -30,6 +30,19 @@ class LazyConfig:
         cache_dtype: dtype caches are kept in ("float16", "bfloat16"), default the
             branch output dtype.
         min_site_macs: branches with fewer multiply-accumulates per call are left alone.
+        sync_decisions: make every rank of a ``torch.distributed`` group take the same
+            skip decision, so no rank waits forever in a collective inside a branch that
+            another rank skipped. ``"sharded"`` (or ``True``): ranks hold different token
+            shards (sequence parallel, as xDiT does); the gate's token sums are summed over
+            the ranks, so the scores are those of the unsharded model, and a sample skips
+            only where every rank may skip. ``"replicated"``: every rank sees all tokens
+            (tensor parallel); only the skip flags are combined. ``False``: never.
+            ``None`` (default): ``"sharded"`` when the process group is initialised with
+            more than one rank *and* the traced model itself holds collectives (its ranks
+            already run in lockstep); otherwise off, since data-parallel ranks that sample
+            independently must not wait for each other.
+        sync_group: name of the process group to synchronise over (``group.group_name``,
+            e.g. xDiT's sequence-parallel group); default the world group.
 
     Example:
         >>> LazyConfig(rho=1e-2).rho_attn
@@ -44,6 +57,8 @@ class LazyConfig:
     timestep_arg: str | None = None
     cache_dtype: str | None = None
     min_site_macs: int = 0
+    sync_decisions: bool | str | None = None
+    sync_group: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -60,6 +75,16 @@ class LazyConfig:
             raise ValueError(f"calls_per_step must be an int >= 1, got {self.calls_per_step!r}")
         if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(_DTYPES)} or None, got {self.cache_dtype!r}")
+
+        if self.sync_decisions not in (None, True, False, "sharded", "replicated"):
+            raise ValueError(
+                f"sync_decisions must be None (auto), True, False, 'sharded' or 'replicated', got "
+                f"{self.sync_decisions!r}"
+            )
+        if self.sync_group is not None and not isinstance(self.sync_group, str):
+            raise ValueError(
+                f"sync_group must be a process group's name (group.group_name), got {self.sync_group!r}"
+            )
 
     @property
     def cache_torch_dtype(self) -> torch.dtype | None:

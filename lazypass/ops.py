@@ -80,7 +80,7 @@ def shape(node) -> tuple[int, ...] | None:
         return None
     try:
         return tuple(int(s) for s in v.shape)
-    except (TypeError, ValueError):  # symbolic sizes
+    except Exception:  # symbolic sizes; data-dependent ones raise a guard error, not TypeError
         return None
 
 

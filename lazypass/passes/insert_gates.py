@@ -29,6 +29,7 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.distributed import all_reduce, sync_mode
 from lazypass.ops import shape, value
 
 aten = torch.ops.aten
@@ -40,8 +41,9 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     gates = gm.meta["lazypass.gates"]
     graph = gm.graph
     K = cfg.calls_per_step
-    batch = shape(matches[0].streams[0].x)[0]
+    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     timestep = gm.meta["lazypass.timestep"]
+    sync = sync_mode(gm, cfg)
 
     output = next(n for n in graph.nodes if n.op == "output")
     user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
@@ -91,7 +93,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     skipped, executed, scores = [], [], []
     for i, (m, (valid, caches)) in enumerate(zip(matches, site_state)):
-        last_input = max([s.z for s in m.streams] + m.operands, key=_position(graph))
+        # after the step bookkeeping too: a site may read only graph inputs (StableAudio)
+        last_input = max([s.z for s in m.streams] + m.operands + [slot], key=_position(graph))
         with graph.inserting_after(last_input):
             marker = call(operator.add, 0, 0)  # insertion point; erased below
         with graph.inserting_before(marker):
@@ -100,23 +103,29 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
             if in_range is not None:
                 row = call(aten.logical_and.default, row, in_range)
-            score = _score(call, gm, gates, i, m)
+            score = gate_score(call, gm, gates, i, m, sync)
             skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
+            if sync is not None:  # a sample skips only where every rank may skip it
+                flags = call(aten._to_copy.default, skip, dtype=torch.int32)
+                skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
             everyone = call(aten.all.default, skip)
             anyone = call(aten.any.default, skip)
-            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches])
+            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches], batch)
             operands = tuple(m.operands + caches + [slot, skip, anyone])
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
+            written = None if in_range is None else call(
+                aten.expand.default, call(aten.reshape.default, in_range, [1]), [batch])
             for cache, out in zip(caches, outs):
                 src = _cast(call, out, value(cache).dtype)
                 call(aten.index_copy_.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0))
-            written = call(aten.ones_like.default, row) if in_range is None else call(
-                aten.expand.default, call(aten.reshape.default, in_range, [1]), [batch])
+                # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
+                ok = _finite_rows(call, src, batch)
+                written = ok if written is None else call(aten.logical_and.default, written, ok)
             call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
         graph.erase_node(marker)
         for out, s in zip(outs, m.streams):
-            out.meta["val"] = value(s.y)
+            out.meta["val"] = _dense_value(value(s.y))
             s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u not in m.nodes)
         for n in reversed(m.nodes):
             graph.erase_node(n)
@@ -146,15 +155,34 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _score(call, gm, gates, i, m):
-    """Gate score per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b)."""
+def _finite_rows(call, node, batch):
+    """(B,) bool: every value of the sample is finite. One fp32 sum per sample: NaN and Inf survive
+    a sum, and a sum that overflows only makes a cache row invalid, which is safe. Rows are
+    sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
+    the leading dim."""
+    rows = call(aten.reshape.default, node, [batch, -1])
+    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
+
+
+def gate_score(call, gm, gates, i, m, sync=None):
+    """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
+
+    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
+    every rank the score of the unsharded model. Rows of a site are sample-major, so
+    ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where frames are
+    folded into the leading dim (Latte)."""
+    batch = gm.meta.get("lazypass.batch") or shape(m.streams[0].x)[0]
     logit = None
     for j, s in enumerate(m.streams):
-        rank = len(shape(s.z))
-        summed = call(aten.sum.dim_IntList, s.z, list(range(1, rank - 1)), False, dtype=torch.float32)
+        z = s.z
+        if len(shape(z)) != 3 or shape(z)[0] != batch:
+            z = call(aten.reshape.default, z, [batch, -1, shape(z)[-1]])
+        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
         w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
+    if sync is not None and sync[0] == "sharded":
+        logit = all_reduce(call, logit, "sum", sync[1])
     b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, i)
     return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
 
@@ -196,7 +224,27 @@ def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def _branches(gm, m, i, cache_dtypes):
+def _dense(g: fx.Graph, node: fx.Node, stream) -> fx.Node:
+    """A contiguous copy where the branch output is not (Sana's conv MLP ends channels-last):
+    the branches of a ``cond`` must agree on strides, and cache reads are contiguous."""
+    y = value(stream.y)
+    if y is None or y.is_contiguous():
+        return node
+    return g.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
+
+
+def _dense_value(v):
+    """The example value of a branch output after ``_dense``: same shape, contiguous strides."""
+    if v is None or v.is_contiguous():
+        return v
+    mode = getattr(v, "fake_mode", None)
+    if mode is None:
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    with mode:
+        return torch.empty(v.shape, dtype=v.dtype, device=v.device)
+
+
+def _branches(gm, m, i, cache_dtypes, len_skip):
     """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
     n_out = len(m.streams)
     names = tuple(f"cache_{j}" for j in range(n_out)) + ("slot", "skip", "anyone")
@@ -209,14 +257,19 @@ def _branches(gm, m, i, cache_dtypes):
     reuse.output(tuple(_read(reuse, c, slot, *d) for c, d in zip(caches, dtypes)))
 
     compute, _, outs = branch_graph(m, names)
-    compute.output(tuple(outs))
+    compute.output(tuple(_dense(compute, o, s) for o, s in zip(outs, m.streams)))
 
     mixed, (*caches, slot, skip, _), outs = branch_graph(m, names)
     rows = []
     for out, cache, s, d in zip(outs, caches, m.streams, dtypes):
-        mask = mixed.call_function(aten.reshape.default, (skip, [-1] + [1] * (len(shape(s.y)) - 1)))
+        rows_of, rank = shape(s.y)[0], len(shape(s.y))
+        mask = skip
+        if rows_of != len_skip:  # frames folded into the batch dim: one flag per sample's rows
+            mask = mixed.call_function(aten.reshape.default, (skip, [-1, 1]))
+            mask = mixed.call_function(aten.expand.default, (mask, [len_skip, rows_of // len_skip]))
+        mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
         rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
-    mixed.output(tuple(rows))
+    mixed.output(tuple(_dense(mixed, r, s) for r, s in zip(rows, m.streams)))
 
     decide = fx.Graph()
     inputs = [decide.placeholder(f"operand_{k}") for k in range(len(m.operands))]

@@ -1,0 +1,114 @@
+"""fp32, bf16 and fp16 models on CPU: same behaviour, gate scores always computed in fp32."""
+
+import copy
+import operator
+
+import pytest
+import torch
+
+import lazypass
+from lazypass.runtime import runtime, traced_program
+from tests.archs import ARCHS
+
+aten = torch.ops.aten
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TIMESTEPS = (900, 600)
+# plain CPU kernels differ between batch sizes by about one rounding step of the dtype
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def _cast(v, dtype):
+    return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+
+def _inputs(arch, batch, t, seed, dtype):
+    args, kwargs = arch.inputs(batch, t, seed)
+    return tuple(_cast(a, dtype) for a in args), {k: _cast(v, dtype) for k, v in kwargs.items()}
+
+
+def _run(model, arch, dtype, t, seed=0, batch=2, rows=None):
+    args, kwargs = _inputs(arch, batch, t, seed, dtype)
+    if rows is not None:
+        args = tuple(a[rows] if torch.is_tensor(a) else a for a in args)
+        kwargs = {k: v[rows] if torch.is_tensor(v) else v for k, v in kwargs.items()}
+    with torch.no_grad():
+        return arch.output(model(*args, **kwargs))
+
+
+@pytest.fixture(params=DTYPES, ids=lambda d: str(d).split(".")[-1])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture(params=["pixart", pytest.param("diffusers_dit", marks=pytest.mark.slow)])
+def arch(request):
+    return ARCHS[request.param]
+
+
+def _lazy(arch, dtype, **options):
+    ref = arch.build().to(dtype)
+    model = lazypass.apply(copy.deepcopy(ref), **options)
+    args, kwargs = _inputs(arch, 2, TIMESTEPS[0], 0, dtype)
+    lazypass.report(model, *args, print_table=False, **kwargs)
+    return model, ref
+
+
+def test_never_skipping_reproduces_the_model_in_its_dtype(arch, dtype):
+    model, ref = _lazy(arch, dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.lazy_gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    lazypass.set_threshold(model, 1.5)
+    for t in TIMESTEPS:
+        out = _run(model, arch, dtype, t)
+        assert out.dtype == dtype
+        assert torch.equal(out, _run(ref, arch, dtype, t))
+
+
+@pytest.mark.parametrize("cast_after_apply", [False, True])
+def test_scores_are_fp32_in_the_graph_and_at_run_time(arch, dtype, cast_after_apply):
+    if cast_after_apply:  # model.to(dtype) after tracing also casts the gates
+        model, _ = _lazy(arch, torch.float32)
+        model.to(dtype)
+        assert model.lazy_gates.bias.dtype == dtype
+    else:
+        model, _ = _lazy(arch, dtype)
+    _run(model, arch, dtype, TIMESTEPS[0])
+    assert runtime(model).state.records[-1][2].dtype == torch.float32
+    core = traced_program(model).core
+    graph = core.graph
+    sigmoids = [n for n in graph.nodes if n.target == aten.sigmoid.default]
+    assert len(sigmoids) == len(model.lazy_gates.layout)
+    for sig in sigmoids:
+        logit = sig.args[0].args[0]  # add(logit, bias)
+        terms = [logit]
+        while terms[-1].target == aten.add.Tensor:  # several streams: sum of mv terms
+            terms[-1:] = list(terms[-1].args)
+        for mv in terms:
+            assert mv.target == aten.mv.default
+            summed, weight = mv.args
+            assert summed.target == aten.sum.dim_IntList and summed.kwargs["dtype"] == torch.float32
+            if weight.op == "get_attr":  # gates kept in fp32 are read as they are
+                assert operator.attrgetter(weight.target)(core).dtype == torch.float32
+            else:
+                assert weight.target == aten._to_copy.default and weight.kwargs["dtype"] == torch.float32
+
+
+def test_reuse_and_batch_independence_in_every_dtype(arch, dtype):
+    model, ref = _lazy(arch, dtype)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.lazy_gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    batched = [_run(model, arch, dtype, t, seed=k, batch=3) for k, t in enumerate(TIMESTEPS)]
+    skipped = lazypass.stats(model).skipped
+    assert skipped[1].any(), "random gates skipped nothing; pick another seed"
+    for i in range(3):
+        with lazypass.trajectory(model):
+            for k, t in enumerate(TIMESTEPS):
+                single = _run(model, arch, dtype, t, seed=k, batch=3, rows=slice(i, i + 1))
+                assert (single.float() - batched[k][i : i + 1].float()).abs().max() <= TOL[dtype]
+            assert (lazypass.stats(model).skipped[:, :, 0] == skipped[:, :, i]).all()
+    # a skipped branch really reused something: step 2 differs from the full model
+    assert (batched[1].float() - _run(ref, arch, dtype, TIMESTEPS[1], seed=1, batch=3).float()).abs().max() > 1e-3

@@ -1,0 +1,286 @@
+"""Fitting the gates: the soft program, lazypass.fit, target ratio, gate files, two processes."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lazypass
+from lazypass.runtime import runtime
+from tests.archs import ARCHS
+from tests.fitting import class_batches, lively_dit
+
+T = 10  # sampling steps of the fits below
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models run faster on one thread, and the machine is shared
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _fit(model, **kw):
+    kw.setdefault("sample_fn", class_batches(8))
+    kw.setdefault("steps", 60)
+    kw.setdefault("lr", 1e-3)
+    kw.setdefault("num_inference_steps", T)
+    kw.setdefault("progress", False)
+    return lazypass.fit(model, **kw)
+
+
+def _sample(model, batch: dict, steps: int = T, guidance_scale: float = 1.0):
+    """Lazy DDIM on one batch; returns (x0, lazy ratio)."""
+    with lazypass.trajectory(model):
+        x = lazypass.sampling.ddim_sample(model, batch["noise"], steps, cond=batch["cond"])
+        return x, lazypass.stats(model).lazy_ratio
+
+
+# -- the soft program ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_soft_program_branch_outputs_and_full_mix(name):
+    arch = ARCHS[name]
+    model = arch.build()
+    ref = arch.build()
+    lazypass.apply(model)
+    args, kwargs = arch.inputs(2, 500, 0)
+    prog, leaves = runtime(model).program_for(args, kwargs, mode="soft")
+    targets = [n.target for n in prog.core.graph.nodes if n.op == "call_function"]
+    assert torch.ops.higher_order.cond not in targets
+    assert targets.count(torch.ops.aten.sigmoid.default) == len(arch.kinds)
+
+    recorded = {}
+    hooks = [ref.get_submodule(b).register_forward_hook(lambda m, i, o, b=b: recorded.setdefault(b, o))
+             for b in arch.branches]
+    with torch.no_grad():
+        expected = arch.output(ref(*args, **kwargs))
+    for h in hooks:
+        h.remove()
+    prevs = [torch.randn(shp) for _, shp, _ in prog.state_specs[1:]]
+    with torch.no_grad():
+        outs = prog.core(*leaves, torch.tensor(0.0), *prevs)  # mix 0: the full model, exactly
+    n = prog.n_user_outputs
+    full = arch.output(torch.utils._pytree.tree_unflatten(list(outs[:n]), prog.out_spec))
+    assert torch.equal(full, expected) or (full - expected).abs().max() <= 1e-6
+    fz = outs[n:-1]
+    streams = [o for b in arch.branches for o in ([recorded[b]] if torch.is_tensor(recorded[b]) else recorded[b])]
+    assert len(fz) == len(prog.state_specs) - 1
+    if len(fz) == len(streams):  # joint attention returns both streams from one module
+        for got, want in zip(fz, streams):
+            assert (got - want).abs().max() <= 1e-6
+    assert outs[-1].shape == (len(arch.kinds), 2)
+
+
+def test_soft_blend_is_the_papers_blend():
+    model = lazypass.apply(lively_dit())
+    x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
+    prog, leaves = runtime(model).program_for((x, t, y), {}, mode="soft")
+    with torch.no_grad():
+        full = prog.core(*leaves, torch.tensor(0.0), *[torch.zeros(s) for _, s, _ in prog.state_specs[1:]])
+        fz = list(full[1:-1])
+        same = prog.core(*leaves, torch.tensor(1.0), *fz)  # Y_prev = F(Z): blend changes nothing
+        assert (same[0] - full[0]).abs().max() <= 1e-5
+        # gates forced to s ~ 1 with a stale Y_prev: the output is that of the reused branches
+        model.lazy_gates.bias.fill_(30.0)
+        stale = [torch.randn_like(f) for f in fz]
+        lazy = prog.core(*leaves, torch.tensor(1.0), *stale)
+        assert (lazy[0] - full[0]).abs().max() > 1e-2
+        assert torch.allclose(lazy[-1], torch.ones(4, 2))
+    scores = lazy[-1]
+    assert scores.dtype == torch.float32
+
+
+# -- fit ---------------------------------------------------------------------------------------
+
+
+def test_fit_lowers_the_loss():
+    model = lazypass.apply(lively_dit())
+    # the same batch every time: iteration k and k + T see the same rows at the same steps
+    result = _fit(model, sample_fn=class_batches(8, fixed=True), rho=1e-6, steps=6 * T)
+    first, last = np.mean(result.loss[:T]), np.mean(result.loss[-T:])
+    assert last < 0.8 * first, (first, last)
+    assert len(result.loss) == len(result.fidelity) == len(result.lazy) == 6 * T
+
+
+def test_laziness_grows_with_rho():
+    ratios = []
+    for rho in (1e-7, 1e-6, 1e-5):
+        model = lazypass.apply(lively_dit())
+        ratios.append(_fit(model, rho=rho, measure=True).lazy_ratio)
+    assert ratios[0] < ratios[1] < ratios[2], ratios
+    assert ratios[2] - ratios[0] > 0.3, ratios
+
+
+def test_target_ratio_is_reached():
+    model = lazypass.apply(lively_dit())
+    target = 0.45
+    result = _fit(model, target_ratio=target, steps=150, calibration_batches=4)
+    assert abs(result.lazy_ratio - target) <= 0.02, result  # on the calibration batches
+    assert result.threshold == runtime(model).threshold
+    # and on batches the calibration never saw (a 4-site model: lazy ratios vary a lot per batch)
+    fresh = [_sample(model, class_batches(8)(500 + i))[1] for i in range(4)]
+    assert abs(np.mean(fresh) - target) <= 0.1, fresh
+
+
+def test_model_weights_untouched_and_flags_restored():
+    model = lazypass.apply(lively_dit())
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)  # a mixed set of flags must come back as is
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("lazy_gates")}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    _fit(model, rho=1e-6, steps=5)
+    after = {k: v for k, v in model.state_dict().items() if not k.startswith("lazy_gates")}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in model.named_parameters() if not n.startswith("lazy_gates")} == {
+        n: f for n, f in flags.items() if not n.startswith("lazy_gates")
+    }
+    assert all(p.requires_grad for p in model.lazy_gates.parameters())
+    assert model.training
+    assert any(p.abs().sum() > 0 for p in model.lazy_gates.parameters())  # the gates did train
+
+
+def test_fit_with_guidance_and_diffusion_loss():
+    model = lazypass.apply(lively_dit())
+
+    def guided(i):
+        b = class_batches(4)(i)
+        return {**b, "null_cond": 10}  # the DiT's null class
+
+    r = _fit(model, sample_fn=guided, guidance_scale=3.0, rho=1e-6, steps=5, measure=True)
+    assert r.lazy_ratio is not None and len(r.loss) == 5
+
+    def data(i):
+        g = torch.Generator().manual_seed(i)
+        return {"x0": torch.randn(4, 4, 8, 8, generator=g), "cond": torch.randint(0, 10, (4,), generator=g)}
+
+    model = lazypass.apply(lively_dit())
+    r = _fit(model, sample_fn=data, loss="diffusion", rho=1e-6, steps=5)
+    assert all(np.isfinite(r.loss)) and any(p.abs().sum() > 0 for p in model.lazy_gates.parameters())
+
+
+def test_fit_text_conditioned_diffusers_model():
+    arch = ARCHS["pixart"]
+    model = lazypass.apply(arch.build())
+
+    def text(i):
+        (_, kwargs) = arch.inputs(4, 999, i)
+        return {"noise": kwargs["hidden_states"], "cond": {"encoder_hidden_states": kwargs["encoder_hidden_states"]}}
+
+    r = _fit(model, sample_fn=text, steps=4, num_inference_steps=4, rho=1e-4)
+    assert len(r.loss) == 4 and all(np.isfinite(r.loss))
+    assert len(model.lazy_gates.layout) == len(arch.kinds)
+
+
+def test_fit_refuses_bad_input():
+    model = lazypass.apply(lively_dit())
+    with pytest.raises(ValueError, match="unknown keys"):
+        _fit(model, sample_fn=lambda i: {"noise": torch.randn(2, 4, 8, 8), "labels": 1}, steps=1)
+    with pytest.raises(ValueError, match="null_cond"):
+        _fit(model, guidance_scale=2.0, steps=1)
+    with pytest.raises(ValueError, match="target_ratio"):
+        _fit(model, target_ratio=0.95, steps=1)
+    with pytest.raises(ValueError, match="loss"):
+        _fit(model, loss="l2", steps=1)
+    with pytest.raises(ValueError, match="not lazy"):
+        lazypass.fit(lively_dit(), class_batches(2), steps=1)
+
+
+# -- gate files ------------------------------------------------------------------------------
+
+
+def _fitted(tmp_path):
+    model = lazypass.apply(lively_dit())
+    _fit(model, rho=1e-5, steps=20)
+    lazypass.set_threshold(model, 0.55)
+    path = tmp_path / "gates.safetensors"
+    lazypass.save_gates(model, path)
+    return model, path
+
+
+def test_save_load_round_trip(tmp_path):
+    model, path = _fitted(tmp_path)
+    batch = class_batches(8)(77)
+    out, ratio = _sample(model, batch)
+    assert ratio > 0  # the gates do skip, so the comparison means something
+
+    for traced in (True, False):  # loading before the first trace applies the gates at the trace
+        other = lively_dit()
+        if traced:
+            lazypass.apply(other, example_inputs=(batch["noise"], torch.full((8,), 999), batch["cond"]))
+        else:
+            lazypass.apply(other)
+        lazypass.load_gates(other, path)
+        got, got_ratio = _sample(other, batch)
+        assert torch.equal(got, out) and got_ratio == ratio
+        assert runtime(other).threshold == 0.55
+        for a, b in zip(other.lazy_gates.parameters(), model.lazy_gates.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_mismatched_gate_files_are_refused(tmp_path):
+    _, path = _fitted(tmp_path)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 999), torch.tensor([1, 2])
+
+    deeper = lazypass.apply(lively_dit(depth=3), example_inputs=(x, t, y))
+    before = [p.clone() for p in deeper.lazy_gates.parameters()]
+    with pytest.raises(ValueError, match="different model.*4 sites.*6 sites"):
+        lazypass.load_gates(deeper, path)
+    assert all(torch.equal(a, b) for a, b in zip(before, deeper.lazy_gates.parameters()))  # nothing loaded
+    assert runtime(deeper).threshold == 0.5
+
+    wider = lazypass.apply(lively_dit(hidden_size=64))  # untraced: refused at the first trace
+    lazypass.load_gates(wider, path)
+    with pytest.raises(ValueError, match="different model.*gate dims"):
+        wider(x, t, y)
+
+    data = path.read_bytes()
+    (tmp_path / "short.safetensors").write_bytes(data[: len(data) - 20])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        lazypass.load_gates(lazypass.apply(lively_dit()), tmp_path / "short.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x07" * 64)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        lazypass.load_gates(lazypass.apply(lively_dit()), tmp_path / "junk.safetensors")
+
+    from safetensors.torch import save_file
+
+    save_file({"weights.0": torch.zeros(3)}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not a lazypass gates file"):
+        lazypass.load_gates(lazypass.apply(lively_dit()), tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="not lazy"):
+        lazypass.load_gates(lively_dit(), path)
+    with pytest.raises(FileNotFoundError):
+        lazypass.load_gates(lazypass.apply(lively_dit()), tmp_path / "missing.safetensors")
+
+
+# -- two processes ------------------------------------------------------------------------------
+
+
+def test_two_processes_match_one(tmp_path):
+    from safetensors.torch import load_file
+
+    steps, batch = 12, 8
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(root, "tests", "fit_ddp_worker.py"), str(tmp_path), str(steps), str(batch)]
+    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == ranks[1].keys()
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+
+    model = lazypass.apply(lively_dit())
+    lazypass.fit(model, class_batches(batch), steps=steps, lr=1e-3, rho=1e-6, num_inference_steps=5, progress=False)
+    single = {k: v.detach() for k, v in model.lazy_gates.state_dict().items()}
+    scale = max(v.abs().max() for v in single.values())
+    assert scale > 1e-3  # the gates moved
+    for k in single:
+        assert (single[k] - ranks[0][k]).abs().max() <= 1e-5 * max(1.0, float(scale)), k

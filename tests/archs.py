@@ -16,7 +16,15 @@ from torch import nn
 from lazypass.models import tiny_dit
 
 
-def _nonzero(model: nn.Module, seed: int) -> nn.Module:
+def random_gates(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
+    """Seeded random gate values, so that decisions differ between samples and steps."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.lazy_gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def nonzero(model: nn.Module, seed: int) -> nn.Module:
     """Zero-initialised layers (adaLN-Zero) would make every branch a no-op; give them weights."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -37,7 +45,7 @@ class Arch:
 
 
 def _ref_dit():
-    return _nonzero(tiny_dit(seed=0), 0)
+    return nonzero(tiny_dit(seed=0), 0)
 
 
 def _ref_dit_inputs(b, t, seed):
@@ -53,7 +61,7 @@ def _diffusers_dit():
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
     )
-    return _nonzero(m, 0)
+    return nonzero(m, 0)
 
 
 def _diffusers_dit_inputs(b, t, seed):
@@ -73,7 +81,7 @@ def _pixart():
         sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=24,
         use_additional_conditions=False,
     )
-    return _nonzero(m, 0)
+    return nonzero(m, 0)
 
 
 def _pixart_inputs(b, t, seed):
@@ -93,7 +101,7 @@ def _sd3():
         num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
         pooled_projection_dim=12, out_channels=4, pos_embed_max_size=16,
     )
-    return _nonzero(m, 0)
+    return nonzero(m, 0)
 
 
 def _sd3_inputs(b, t, seed):

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _nonzero(model, seed):
-    """adaLN-Zero layers start at zero, which would make every branch a no-op."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+from tests.archs import nonzero
 
 
 def tiny_vae(seed: int = 0):
@@ -42,7 +34,7 @@ def dit_pipeline(seed: int = 0, scheduler: str = "ddim"):
         sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1,
     )
     sched = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]()  # long / float timesteps
-    pipe = DiTPipeline(transformer=_nonzero(transformer, seed), vae=tiny_vae(seed), scheduler=sched,
+    pipe = DiTPipeline(transformer=nonzero(transformer, seed), vae=tiny_vae(seed), scheduler=sched,
                        id2label={i: f"class {i}" for i in range(1000)})
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -62,7 +54,7 @@ def pixart_pipeline(seed: int = 0):
     text_encoder = T5EncoderModel(T5Config(vocab_size=64, d_model=24, d_kv=8, d_ff=32, num_layers=1,
                                            num_heads=2, dropout_rate=0.0)).eval()
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=text_encoder, vae=tiny_vae(seed),
-                               transformer=_nonzero(transformer, seed), scheduler=DDIMScheduler())
+                               transformer=nonzero(transformer, seed), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

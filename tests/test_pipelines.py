@@ -11,16 +11,10 @@ import torch
 
 import lazypass
 from tests.pipelines import dit_pipeline, dit_split_cfg, encode, pixart_pipeline, pixart_split_cfg
+from tests.archs import random_gates
 
 STEPS = 4
 LABELS, SEEDS = [1, 207, 360], [0, 1, 2]
-
-
-def _random_gates(model, seed=0, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _mixed(model):
@@ -47,7 +41,7 @@ def dit():
     full = _dit(pipe, LABELS, SEEDS)
     pipe.transformer = lazypass.apply(pipe.transformer)
     assert (_dit(pipe, LABELS, SEEDS) == full).all()  # zero gates: nothing changes
-    _random_gates(pipe.transformer)
+    random_gates(pipe.transformer, seed=0)
     return pipe, full
 
 
@@ -80,7 +74,7 @@ def test_dit_split_cfg_equals_batched_cfg(scheduler):
     pipe = dit_pipeline(scheduler=scheduler)
     pipe.transformer = lazypass.apply(pipe.transformer)
     _dit(pipe, LABELS[:2], SEEDS[:2])  # trace, create the gates
-    _random_gates(pipe.transformer, seed=3)
+    random_gates(pipe.transformer, seed=3)
     lazypass.reset(pipe.transformer)
     batched = _dit(pipe, LABELS[:2], SEEDS[:2])
     assert _mixed(pipe.transformer)
@@ -108,7 +102,7 @@ def pixart():
     full = _pixart(pipe, inputs, slice(None))
     pipe.transformer = lazypass.apply(pipe.transformer)
     _pixart(pipe, inputs, slice(None))
-    _random_gates(pipe.transformer)
+    random_gates(pipe.transformer, seed=0)
     return pipe, inputs, full
 
 

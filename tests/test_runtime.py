@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lazypass
-from tests.archs import ARCHS
+from tests.archs import ARCHS, random_gates
 
 TIMESTEPS = (900, 600, 300)
 
@@ -28,13 +28,6 @@ def _lazy(arch, **options):
     return lazypass.apply(model, **options), ref
 
 
-def _random_gates(model, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def test_finds_expected_site_kinds(arch):
     model, _ = _lazy(arch)
     args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
@@ -48,7 +41,7 @@ def test_threshold_above_one_reproduces_original(arch):
     lazypass.set_threshold(model, 1.5)
     for t in TIMESTEPS:
         out = _run(model, arch, 2, t)
-        _random_gates(model)  # gates with any values: never skip above 1
+        random_gates(model)  # gates with any values: never skip above 1
         assert (out - _run(ref, arch, 2, t)).abs().max() <= 1e-5
     assert not lazypass.stats(model).skipped.any()
 
@@ -93,7 +86,7 @@ def test_batch_equals_batch_of_one(arch):
     model, _ = _lazy(arch)
     args, kwargs = arch.inputs(4, TIMESTEPS[0], 0)
     lazypass.report(model, *args, print_table=False, **kwargs)  # trace, creating the gates
-    _random_gates(model)
+    random_gates(model)
     batched = [_run(model, arch, 4, t) for t in TIMESTEPS]
     st = lazypass.stats(model)
     # the random gates must produce a mixed batch somewhere, or the test proves nothing
@@ -196,7 +189,7 @@ def test_cond_graph_and_eager_twin_agree(name):
     model = lazypass.apply(arch.build())
     args, kwargs = arch.inputs(4, 900, 0)
     lazypass.report(model, *args, print_table=False, **kwargs)
-    _random_gates(model)
+    random_gates(model)
     rt = lazypass.runtime.runtime(model)
     prog, leaves = rt.program_for(args, kwargs)
     state = rt.fresh_state(prog, torch.device("cpu")).tensors

@@ -47,16 +47,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     output = next(n for n in graph.nodes if n.op == "output")
     user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-    specs = []  # (name, shape, dtype) of each state input, in order
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-
-    def state_input(name, shp, dtype):
-        nonlocal anchor
-        with graph.inserting_after(anchor):
-            anchor = graph.placeholder(name)
-        anchor.meta["val"] = torch.empty(shp, dtype=dtype, device="meta")
-        specs.append((name, tuple(shp), dtype))
-        return anchor
+    state_input, specs = graph_inputs(graph)
 
     threshold = state_input("lazy_threshold", (), torch.float32)
     last_t = state_input("lazy_last_t", (batch,), torch.float32)
@@ -141,6 +132,23 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     graph.lint()
     log.info("insert_gates: %d conditionals", len(matches))
     return gm
+
+
+def graph_inputs(graph: fx.Graph):
+    """``(add, specs)``: ``add(name, shape, dtype)`` appends a graph input after the last one
+    and records ``(name, shape, dtype)`` in ``specs``. Shared with ``soft_blend``."""
+    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+    def add(name, shp, dtype):
+        nonlocal anchor
+        with graph.inserting_after(anchor):
+            anchor = graph.placeholder(name)
+        anchor.meta["val"] = torch.empty(shp, dtype=dtype, device="meta")
+        specs.append((name, tuple(shp), dtype))
+        return anchor
+
+    return add, specs
 
 
 def _position(graph: fx.Graph):

@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from lazypass.config import LazyConfig
 from lazypass.ops import shape, value
-from lazypass.passes.insert_gates import gate_score
+from lazypass.passes.insert_gates import gate_score, graph_inputs
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
@@ -41,16 +41,7 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     output = next(n for n in graph.nodes if n.op == "output")
     user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
 
-    specs = []
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-
-    def extra_input(name, shp, dtype):
-        nonlocal anchor
-        with graph.inserting_after(anchor):
-            anchor = graph.placeholder(name)
-        anchor.meta["val"] = torch.empty(shp, dtype=dtype, device="meta")
-        specs.append((name, tuple(shp), dtype))
-        return anchor
+    extra_input, specs = graph_inputs(graph)
 
     def call(target, *args, **kwargs):
         return graph.call_function(target, args, kwargs)

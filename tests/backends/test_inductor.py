@@ -17,7 +17,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import lazypass
 from lazypass.backends.inductor import lazydit_backend
-from tests.archs import ARCHS
+from tests.archs import ARCHS, random_gates
 
 TIMESTEPS = (900, 600, 300)
 HOST_SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
@@ -59,13 +59,6 @@ def _targets(graph):
     return [n.target for n in graph.nodes if n.op == "call_function"]
 
 
-def _random_gates(model, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _pair(arch):
     """A lazy model and an independent eager-lazy reference with the same random gates."""
     base = arch.build()
@@ -74,7 +67,7 @@ def _pair(arch):
     args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
     for m in (model, ref):
         lazypass.report(m, *args, print_table=False, **kwargs)  # trace eagerly
-    _random_gates(model)
+    random_gates(model)
     ref.lazy_gates.load_state_dict(model.lazy_gates.state_dict())
     return model, ref
 
@@ -205,7 +198,7 @@ def _plain_pair(arch):
     ref = lazypass.apply(copy.deepcopy(base))
     args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
     lazypass.report(ref, *args, print_table=False, **kwargs)
-    _random_gates(ref)
+    random_gates(ref)
     return base, ref
 
 

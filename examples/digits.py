@@ -94,10 +94,10 @@ class Run:
 class Sampler:
     """The plain model, one lazy copy (gates swapped per method), and their MAC counts."""
 
-    def __init__(self, model: torch.nn.Module, gates_dir: Path | None = None):
+    def __init__(self, model: torch.nn.Module, gates_dir: Path | None = None, max_reuse: int | None = None):
         self.plain = model
         self.gates_dir = gates_dir
-        self.lazy = lazypass.apply(copy.deepcopy(model))
+        self.lazy = lazypass.apply(copy.deepcopy(model), max_reuse=max_reuse)
         self.program(1)  # trace now: the gates exist from here on
 
     def load(self, method: Method) -> None:
@@ -276,6 +276,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribe a busy machine: 2x the CPU time)")
     p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
     p.add_argument("--gates-dir", type=Path, default=None, help="folder of gate files (default examples/assets)")
+    p.add_argument("--max-reuse", type=int, default=None, help="1: never reuse a cache twice in a row")
     p.add_argument("--out", type=Path, default=Path("docs/digits"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -287,7 +288,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.samples, 1, 8, 8, generator=g)
     labels = torch.arange(args.samples) % 10
-    sampler = Sampler(model, args.gates_dir)
+    sampler = Sampler(model, args.gates_dir, args.max_reuse)
     for m in METHODS:
         if m.kind == "lazy" and not sampler.gate_file(m).exists():
             raise FileNotFoundError(f"{sampler.gate_file(m)} not found; fit it with `python examples/fit_digits_gates.py`")

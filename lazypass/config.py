@@ -30,6 +30,9 @@ class LazyConfig:
         cache_dtype: dtype caches are kept in ("float16", "bfloat16"), default the
             branch output dtype.
         min_site_macs: branches with fewer multiply-accumulates per call are left alone.
+        max_reuse: ``1``: a branch output may be reused for one step at most, then the branch
+            must compute again (a cache is never reused twice in a row). ``None``: no limit
+            (the paper's rule). Chained reuse is where learned gates lose quality (see README).
         sync_decisions: make every rank of a ``torch.distributed`` group take the same
             skip decision, so no rank waits forever in a collective inside a branch that
             another rank skipped. ``"sharded"`` (or ``True``): ranks hold different token
@@ -57,6 +60,7 @@ class LazyConfig:
     timestep_arg: str | None = None
     cache_dtype: str | None = None
     min_site_macs: int = 0
+    max_reuse: int | None = None
     sync_decisions: bool | str | None = None
     sync_group: str | None = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)
@@ -71,6 +75,8 @@ class LazyConfig:
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         check_threshold(self.threshold)
+        if self.max_reuse not in (None, 1):
+            raise ValueError(f"max_reuse must be None (no limit) or 1, got {self.max_reuse!r}")
         if not isinstance(self.calls_per_step, int) or self.calls_per_step < 1:
             raise ValueError(f"calls_per_step must be an int >= 1, got {self.calls_per_step!r}")
         if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:

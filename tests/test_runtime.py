@@ -218,3 +218,26 @@ def test_one_tensor_for_two_inputs_at_trace_time_does_not_alias_them():
         lazypass.reset(model)
         t2, y2 = torch.tensor([5, 6]), torch.tensor([3, 4])
         assert torch.equal(model(x, t2, y2), ref(x, t2, y2))
+
+
+@pytest.mark.parametrize("name", ["ref_dit", "pixart"])
+def test_max_reuse_one_never_reuses_a_cache_twice_in_a_row(name):
+    arch = ARCHS[name]
+    model = lazypass.apply(arch.build(), max_reuse=1)
+    ref = lazypass.apply(arch.build())
+    lazypass.set_threshold(model, -0.5)  # every branch wants to skip at every step
+    lazypass.set_threshold(ref, 1.5)
+    timesteps = (900, 700, 500, 300)
+    for k, t in enumerate(timesteps):
+        out = _run(model, arch, 2, t, seed=k)
+        # the reference reuses on odd steps only: force it with the threshold
+        lazypass.set_threshold(ref, -0.5 if k % 2 else 1.5)
+        expected = _run(ref, arch, 2, t, seed=k)
+        assert (out - expected).abs().max() <= 1e-5
+    executed = lazypass.stats(model).executed
+    assert executed[[1, 3]].all() and not executed[[0, 2]].any()
+
+
+def test_max_reuse_other_than_one_is_refused():
+    with pytest.raises(ValueError, match="max_reuse"):
+        lazypass.apply(ARCHS["ref_dit"].build(), max_reuse=3)

@@ -113,6 +113,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
                 ok = _finite_rows(call, src, batch)
                 written = ok if written is None else call(aten.logical_and.default, written, ok)
+            if cfg.max_reuse == 1:  # a row just reused may not be reused again next step
+                written = call(aten.logical_and.default, written, call(aten.logical_not.default, skip))
             call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
         graph.erase_node(marker)
         for out, s in zip(outs, m.streams):

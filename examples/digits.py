@@ -273,7 +273,7 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--latency-images", type=int, default=4, help="batch-1 images timed per method (0: skip)")
     p.add_argument("--latency-repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribe a busy machine: 2x the CPU time)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine busy with other jobs)")
     p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
     p.add_argument("--gates-dir", type=Path, default=None, help="folder of gate files (default examples/assets)")
     p.add_argument("--max-reuse", type=int, default=None, help="1: never reuse a cache twice in a row")

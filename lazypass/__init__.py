@@ -2,7 +2,7 @@
 
 from lazypass.checkpoint import load_gates, save_gates
 from lazypass.config import LazyConfig
-from lazypass.fit import FitResult, fit
+from lazypass.fitting import FitConfig, FitResult, fit
 from lazypass.gates import LazyGates
 from lazypass.passes import NoSitesError, Site
 from lazypass.report import Stats, report, stats
@@ -12,6 +12,7 @@ from lazypass.backends import inductor as _inductor
 _inductor.register()  # torch.compile(model, backend="lazydit")
 
 __all__ = [
+    "FitConfig",
     "FitResult",
     "LazyConfig",
     "LazyGates",

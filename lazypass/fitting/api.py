@@ -19,11 +19,11 @@ from lazypass.fitting.control import RhoController, resolve_rhos
 from lazypass.fitting.dist import world_and_rank
 from lazypass.fitting.frozen import gates_only
 from lazypass.fitting.objectives import Diffusion, Distill
+from lazypass.fitting.sampler import Schedule
 from lazypass.fitting.soft import CallFn, SoftModel, default_call
 from lazypass.fitting.source import BatchSource
 from lazypass.fitting.train import train_gates
 from lazypass.runtime import runtime
-from lazypass.sampling import ddim_timesteps
 
 
 @dataclass
@@ -96,31 +96,32 @@ def fit(
     """
     config = FitConfig.from_options(config, **options)
     rt = runtime(model)
-    T = config.num_inference_steps
-    ddim_timesteps(T)  # checks the step count
-    if config.target_ratio is not None and config.target_ratio > (T - 1) / T:
-        raise ValueError(
-            f"target_ratio must be in [0, {(T - 1) / T:.3f}]: the first of {T} steps always computes, "
-            f"got {config.target_ratio!r}"
-        )
     rhos = resolve_rhos(rt.cfg, config.rho, config.rho_attn, config.rho_ffn)
     call = call or default_call
     world, rank = world_and_rank(model)
     source = BatchSource(sample_fn, config.loss, config.guided, world, rank)
-    source.peek(0)  # batch size and device; a bad sample_fn fails here
+    device = source.peek(0)[source.main_key].device
+    source.peek(1)  # a sample_fn whose batch size changes fails here, before any training
+    schedule = Schedule(config.scheduler, config.num_inference_steps, config.set_timesteps_kwargs, device)
+    L = schedule.calls  # model calls per trajectory
+    if config.target_ratio is not None and config.target_ratio > (L - 1) / L:
+        raise ValueError(
+            f"target_ratio must be in [0, {(L - 1) / L:.3f}]: the first of {L} steps always computes, "
+            f"got {config.target_ratio!r}"
+        )
 
     soft = SoftModel(model, call)
     result = FitResult()
     with gates_only(model, soft.forward):
         if config.loss == "distill":
-            objective = Distill(soft, source, T, config.guidance_scale)
+            objective = Distill(soft, source, schedule, config.guidance_scale)
         else:
-            objective = Diffusion(soft, source, T, config.seed)
+            objective = Diffusion(soft, source, schedule, config.seed)
         objective.prepare()  # the first soft call traces the soft program and creates the gates
         kinds = soft.kinds
         control = None
         if config.target_ratio is not None:
-            control = RhoController(config.target_ratio, T, rhos, not config.user_rho, len(kinds))
+            control = RhoController(config.target_ratio, L, rhos, not config.user_rho, len(kinds))
         log = train_gates(
             model.lazy_gates, objective, kinds, config.steps, config.lr, rhos, rt.threshold,
             control, world, config.progress and rank == 0,
@@ -134,11 +135,11 @@ def fit(
         training = model.training
         model.eval()
         try:
-            ratio, scores = lazy_sampling(model, calib, call, T, config.guidance_scale, world)
+            ratio, scores = lazy_sampling(model, calib, call, schedule, config.guidance_scale, world)
             result.lazy_ratio_before_calibration = ratio
             if config.target_ratio is not None:
                 ratio = calibrate_threshold(
-                    model, calib, call, T, config.guidance_scale, config.target_ratio, ratio, scores, world
+                    model, calib, call, schedule, config.guidance_scale, config.target_ratio, ratio, scores, world
                 )
             result.lazy_ratio = ratio
         finally:

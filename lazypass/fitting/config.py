@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
+
+from lazypass.fitting.sampler import check_scheduler
 
 LOSSES = ("distill", "diffusion")
 
@@ -28,6 +31,14 @@ class FitConfig:
             or ``"diffusion"`` (the denoising loss on ``"x0"`` from ``sample_fn``).
         num_inference_steps: sampling steps of the trajectories (and of the sampling the
             gates are meant for), >= 2.
+        scheduler: the diffusers scheduler that samples the trajectories and calibration
+            runs (DDIM, DPM-Solver, flow-match Euler, ...; a private copy per trajectory,
+            the object itself is never stepped). Its config gives the model's prediction
+            type (``prediction_type``; flow-matching schedulers predict a velocity), which
+            sets the target of the diffusion loss; an unknown type is a ValueError. Default
+            None: lazypass's own DDIM on DiT's linear schedule, for eps models.
+        set_timesteps_kwargs: extra arguments of ``scheduler.set_timesteps`` (e.g. ``mu``
+            for dynamic shifting, or ``sigmas``), as the pipeline passes them.
         guidance_scale: classifier-free guidance of the trajectories and calibration runs;
             1 disables it. With guidance the model is called on ``cat([x, x])`` with
             ``cat([cond, null_cond])``, as samplers do, so the gates see both halves.
@@ -50,6 +61,8 @@ class FitConfig:
     target_ratio: float | None = None
     loss: str = "distill"
     num_inference_steps: int = 20
+    scheduler: Any = None
+    set_timesteps_kwargs: dict | None = None
     guidance_scale: float = 1.0
     calibration_batches: int = 2
     seed: int = 0
@@ -72,6 +85,10 @@ class FitConfig:
                 f"num_inference_steps must be an int >= 2 (a step needs a previous step to be lazy), "
                 f"got {self.num_inference_steps!r}"
             )
+        if self.scheduler is not None:
+            check_scheduler(self.scheduler)
+        if self.set_timesteps_kwargs is not None and not isinstance(self.set_timesteps_kwargs, dict):
+            raise ValueError(f"set_timesteps_kwargs must be a dict, got {type(self.set_timesteps_kwargs).__name__}")
         if self.target_ratio is not None and not (_number(self.target_ratio) and 0.0 <= self.target_ratio < 1.0):
             raise ValueError(f"target_ratio must be in [0, 1): the first step always computes, got {self.target_ratio!r}")
         if not (_number(self.guidance_scale) and math.isfinite(self.guidance_scale)):

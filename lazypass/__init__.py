@@ -2,7 +2,7 @@
 
 from lazypass.checkpoint import load_gates, save_gates
 from lazypass.config import LazyConfig
-from lazypass.fitting import FitConfig, FitResult, fit
+from lazypass.fitting import FitConfig, FitResult, fit, fit_pipeline
 from lazypass.gates import LazyGates
 from lazypass.passes import NoSitesError, Site
 from lazypass.report import Stats, report, stats
@@ -21,6 +21,7 @@ __all__ = [
     "Stats",
     "apply",
     "fit",
+    "fit_pipeline",
     "load_gates",
     "report",
     "reset",

@@ -12,11 +12,12 @@ Modules, one job each:
 - ``train``: the optimiser loop; ``control``: the lazy penalties and their control;
 - ``calibrate``: lazy sampling runs, the measured lazy ratio and the threshold calibration;
 - ``dist``: process-group plumbing;
-- ``api``: ``fit`` itself.
+- ``api``: ``fit`` itself; ``pipeline``: ``fit_pipeline``, fit through a diffusers pipeline.
 """
 
 from lazypass.fitting.api import FitResult, fit
 from lazypass.fitting.config import FitConfig
+from lazypass.fitting.pipeline import fit_pipeline
 from lazypass.fitting.soft import default_call
 
-__all__ = ["FitConfig", "FitResult", "default_call", "fit"]
+__all__ = ["FitConfig", "FitResult", "default_call", "fit", "fit_pipeline"]

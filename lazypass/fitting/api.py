@@ -74,11 +74,18 @@ def fit(
             rank should return its own shard (e.g. seed with ``i`` and the rank).
         config: a :class:`FitConfig`; ``options`` (its field names: ``steps``, ``lr``,
             ``rho``, ``rho_attn``, ``rho_ffn``, ``target_ratio``, ``loss``,
-            ``num_inference_steps``, ``guidance_scale``, ``calibration_batches``, ``seed``,
-            ``progress``, ``measure``) replace its fields; an unknown option is a TypeError.
-        call: ``call(model, x, t, cond) -> prediction`` (eps, or eps and learned sigma
-            along dim 1); default :func:`default_call`. For example a PixArt transformer:
-            ``lambda m, x, t, c: m(x, encoder_hidden_states=c, timestep=t, return_dict=False)[0]``.
+            ``num_inference_steps``, ``scheduler``, ``set_timesteps_kwargs``,
+            ``guidance_scale``, ``calibration_batches``, ``seed``, ``progress``, ``measure``)
+            replace its fields; an unknown option is a TypeError. ``scheduler`` is any
+            diffusers scheduler (default: DDIM on DiT's linear schedule, for eps models);
+            see :class:`FitConfig`.
+        call: ``call(model, x, t, cond) -> prediction`` in the model's own output space
+            (eps, v or velocity, as the scheduler's prediction type says; extra learned
+            variance channels along dim 1 are ignored); ``t`` is the scheduler's timestep per
+            row. Default :func:`default_call`. For example a PixArt transformer:
+            ``lambda m, x, t, c: m(x, encoder_hidden_states=c, timestep=t, return_dict=False)[0]``;
+            a Flux transformer takes ``timestep=t / 1000``. For diffusers pipelines,
+            :func:`lazypass.fit_pipeline` builds all of this.
 
     The model runs in eval mode; its parameters are frozen while fitting (``requires_grad``
     and ``training`` are restored after), only ``model.lazy_gates`` trains.

@@ -41,6 +41,7 @@ def sd3_batches(batch: int = 4, fixed: bool = False):
 
 
 CASES = {  # model, sample_fn(fixed), scheduler
+    "ddim": (lively_dit, lambda fixed: class_batches(8, fixed=fixed), lambda: DDIMScheduler(clip_sample=False)),
     "dpm_solver": (lively_dit, lambda fixed: class_batches(8, fixed=fixed), DPMSolverMultistepScheduler),
     "flow_match": (ARCHS["sd3"].build, lambda fixed: sd3_batches(4, fixed=fixed), FlowMatchEulerDiscreteScheduler),
 }

@@ -302,7 +302,7 @@ def _soft_forward(rt, channel: _Channel):
         device = next((x.device for x in leaves if isinstance(x, Tensor)), None)
         prevs = channel.prevs
         if prevs is None:
-            prevs = [torch.zeros(shp, dtype=dt, device=device) for _, shp, dt in prog.state_specs[1:]]
+            prevs = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in prog.state_specs[1:]]
         if len(prevs) != len(prog.state_specs) - 1:
             raise RuntimeError("internal: previous branch outputs do not match the soft program")
         outs = prog.core(*leaves, channel.mix_tensor(device), *prevs)

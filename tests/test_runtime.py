@@ -78,7 +78,7 @@ def test_threshold_below_zero_reuses_step_one(arch):
     # and it really differs from computing step 2 in full
     assert (second - _run(ref, arch, 2, TIMESTEPS[1], seed=1)).abs().max() > 1e-3
     st = lazypass.stats(model)
-    assert not st.executed[0].any() and st.executed[1].all()
+    assert not st.saved[0].any() and st.saved[1].all()
     assert first.shape == second.shape
 
 
@@ -170,7 +170,7 @@ def test_threshold_set_before_apply_is_remembered():
     lazypass.apply(model)
     _run(model, arch, 2, TIMESTEPS[0])
     _run(model, arch, 2, TIMESTEPS[1])
-    assert lazypass.stats(model).executed[1].all()
+    assert lazypass.stats(model).saved[1].all()
 
 
 def test_gates_are_registered_parameters_and_caches_are_not_state():
@@ -234,8 +234,8 @@ def test_max_reuse_one_never_reuses_a_cache_twice_in_a_row(name):
         lazypass.set_threshold(ref, -0.5 if k % 2 else 1.5)
         expected = _run(ref, arch, 2, t, seed=k)
         assert (out - expected).abs().max() <= 1e-5
-    executed = lazypass.stats(model).executed
-    assert executed[[1, 3]].all() and not executed[[0, 2]].any()
+    saved = lazypass.stats(model).saved
+    assert saved[[1, 3]].all() and not saved[[0, 2]].any()
 
 
 def test_max_reuse_other_than_one_is_refused():

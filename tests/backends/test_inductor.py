@@ -271,3 +271,27 @@ def test_plain_model_real_inductor():
                                  options={"gates": copy.deepcopy(ref.lazy_gates)})
         _plain_run(compiled, ref, arch)
     _check_post_grad(post_grad.graphs, len(ref.lazy_gates.layout))
+
+
+class _CondDiT(torch.nn.Module):
+    """A user model that holds ``torch.cond`` of its own around a DiT."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, t, y):
+        out = self.dit(x, t, y)
+        return torch.cond(out.sum() > 0, lambda o: o * 1.0, lambda o: o * -1.0, (out,))
+
+
+def test_a_user_graph_with_its_own_cond_is_made_lazy(recorder):
+    arch = ARCHS["ref_dit"]
+    model = _CondDiT(arch.build())
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lazydit", fullgraph=True)
+    args, _ = arch.inputs(2, 900, 0)
+    assert torch.allclose(compiled(*args), ref(*args), atol=1e-5)  # zero gates: unchanged
+    # the backend ran the pass on it: one cond per site besides the user's own
+    assert _targets(recorder.graphs[0].graph).count(COND) == len(arch.kinds) + 1

@@ -8,7 +8,7 @@ is downloaded) and checked through the public API:
 * attn ops: attention ops (sdpa, or softmax between matmuls) inside a site / in the model;
 * MACs: share of the model's multiply-accumulates inside sites;
 * parity: threshold 1.5 (never skip) vs the original model, max abs error over 2 steps;
-* reuse: threshold -0.5, step 2 skips every site (executed) and its output differs from a
+* reuse: threshold -0.5, step 2 skips every site (compute saved) and its output differs from a
   full step 2 (max abs difference shown);
 * compile: the lazy model under ``torch.compile(backend="lazydit", fullgraph=True)`` matches
   the eager lazy model over a step that computes and a step that reuses (by default only
@@ -120,7 +120,7 @@ def check(name: str, compile_check: bool = True) -> dict:
             second = _run(model, z, STEPS[1], 1)
             st = lazypass.stats(model)
         diff = float((second - _run(ref, z, STEPS[1], 1)).abs().max())
-        skipped_all = bool(st.executed[1].all()) and not st.executed[0].any()
+        skipped_all = bool(st.saved[1].all()) and not st.saved[0].any()
         row["reuse"] = f"{'yes' if skipped_all and diff > 1e-4 else 'NO'} (diff {diff:.1e})"
         row["_reuse"] = (skipped_all, diff)
     except Exception as e:  # noqa: BLE001

@@ -83,7 +83,7 @@ def main() -> None:
 
     rows, headline = [], []
     for steps in args.eval_steps:
-        ratios, executed, p_lazy, p_ddim, eq_steps = [], [], [], [], []
+        ratios, saved, p_lazy, p_ddim, eq_steps = [], [], [], [], []
         for j in range(args.eval_batches):
             b = batches(args, 10_000)(j)  # never used for fitting or calibration
             lazypass.set_threshold(model, 1.5)  # never skip: the full-compute reference
@@ -94,9 +94,9 @@ def main() -> None:
                 lazy = ddim_sample(model, b["noise"], steps, cond=b["cond"])
                 st = lazypass.stats(model)
             ratios.append(st.lazy_ratio)
-            executed.append(st.executed_ratio)
+            saved.append(st.saved_ratio)
             # plain DDIM with the compute the lazy run spent (branches are ~all of the MACs)
-            n = max(1, round(steps * (1 - st.executed_ratio)))
+            n = max(1, round(steps * (1 - st.saved_ratio)))
             eq_steps.append(n)
             lazypass.set_threshold(model, 1.5)
             with lazypass.trajectory(model):
@@ -104,10 +104,10 @@ def main() -> None:
             p_lazy.append(psnr(lazy, full))
             p_ddim.append(psnr(ddim, full))
         lazypass.set_threshold(model, threshold)
-        rows.append([steps, f"{np.mean(ratios):.3f}", f"{np.mean(executed):.3f}", f"{np.mean(p_lazy):.2f}",
+        rows.append([steps, f"{np.mean(ratios):.3f}", f"{np.mean(saved):.3f}", f"{np.mean(p_lazy):.2f}",
                      f"{np.mean(eq_steps):.1f}", f"{np.mean(p_ddim):.2f}"])
         headline.append(f"lazy@{steps}={np.mean(ratios):.2f} psnr@{steps}={np.mean(p_lazy):.1f}dB")
-    print(tabulate(rows, headers=["DDIM steps", "lazy ratio", "executed ratio", "PSNR lazy vs full (dB)",
+    print(tabulate(rows, headers=["DDIM steps", "lazy ratio", "compute-saved ratio", "PSNR lazy vs full (dB)",
                                   "DDIM steps at equal compute", "PSNR DDIM-equal vs full (dB)"]))
     print(f"fit@{args.fit_at} target {args.target}: " + " ".join(headline))
 

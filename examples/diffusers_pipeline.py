@@ -137,7 +137,7 @@ def pixart_demo() -> float:
     images = generate(slice(None))
     st = lazypass.stats(pipe.transformer)
     print(f"PixArtAlphaPipeline, 3 prompts with CFG: lazy ratio {st.lazy_ratio:.1%}, "
-          f"executed {st.executed_ratio:.1%}")
+          f"compute saved {st.saved_ratio:.1%}")
     err = 0.0
     for i in range(3):
         lazypass.reset(pipe.transformer)

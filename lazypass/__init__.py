@@ -2,14 +2,27 @@
 
 from lazypass.checkpoint import load_gates, save_gates
 from lazypass.config import LazyConfig
-from lazypass.fitting import FitConfig, FitResult, fit, fit_pipeline
 from lazypass.gates import LazyGates
 from lazypass.passes import NoSitesError, Site
 from lazypass.report import Stats, report, stats
-from lazypass.runtime import apply, reset, set_threshold, trajectory
+from lazypass.runtime import apply, reset, set_threshold, trace, trajectory
 from lazypass.backends import inductor as _inductor
 
 _inductor.register()  # torch.compile(model, backend="lazydit")
+
+# Fitting pulls in torch.distributed and the samplers; it loads on first use.
+_LAZY = {name: "lazypass.fitting" for name in ("fit", "fit_pipeline", "FitConfig", "FitResult")}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lazypass' has no attribute {name!r}")
+
 
 __all__ = [
     "FitConfig",
@@ -28,6 +41,7 @@ __all__ = [
     "save_gates",
     "set_threshold",
     "stats",
+    "trace",
     "trajectory",
 ]
 __version__ = "0.1.0"

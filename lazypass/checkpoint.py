@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lazypass.config import check_threshold
+from lazypass.config import GATE_OPTIONS, LazyConfig, check_threshold
 from lazypass.gates import LazyGates
 from lazypass.runtime import runtime
 
@@ -56,33 +57,70 @@ def save_gates(model: nn.Module, path: str | os.PathLike) -> None:
 def load_gates(model: nn.Module, path: str | os.PathLike, *, threshold: bool = True) -> None:
     """Load gates saved by :func:`save_gates` into a lazy model; refuses a file made for other sites.
 
-    The file is checked in full (format, fingerprint, tensor names, shapes, finite values)
-    before anything is copied. If the model has not been traced yet (``apply`` without
-    ``example_inputs`` and no call so far), its sites are unknown: the checked gates are
-    kept and applied at the first trace, where a site mismatch raises instead of tracing.
-    With ``threshold=True`` the threshold saved with the gates (the calibrated one, after
+    The file is checked in full (format, fingerprint, tensor names, shapes, finite values,
+    and the options that change what a gate means, such as ``max_reuse``) before anything
+    is copied. If the model has not been traced yet (``apply`` without ``example_inputs``
+    and no call so far), its sites are unknown: the checked gates are kept and applied at
+    the first trace, where a site mismatch raises instead of tracing. With
+    ``threshold=True`` the threshold saved with the gates (the calibrated one, after
     ``fit(..., target_ratio=...)``) is set as well.
 
     Example:
         >>> lazypass.load_gates(model, "/tmp/gates.safetensors")  # doctest: +SKIP
     """
     rt = runtime(model)
-    layout, tensors, meta = _read(path)
-    saved_threshold = check_threshold(float(meta["threshold"])) if threshold else None
+    saved = read_gates(path)
+    saved.check_config(rt.cfg)
 
     def install(gates: LazyGates) -> None:
-        _check_layout(layout, gates.layout, path)
-        with torch.no_grad():
-            for name, param in gates.state_dict(keep_vars=True).items():
-                param.copy_(tensors[name].to(param.device, param.dtype))
-        if saved_threshold is not None:
-            rt.set_threshold(saved_threshold)
+        saved.copy_into(gates)
+        if threshold:
+            rt.set_threshold(saved.threshold)
 
     gates = getattr(model, "lazy_gates", None)
     if gates is None:
         rt.pending_gates = install
     else:
         install(gates)
+
+
+@dataclass
+class GateFile:
+    """A checked gates file: its site layout, tensors, saved config and threshold."""
+
+    path: str
+    layout: list[tuple[str, tuple[int, ...]]]
+    tensors: dict[str, torch.Tensor]
+    config: dict
+    threshold: float
+
+    def check_layout(self, layout: list) -> None:
+        _check_layout(self.layout, layout, self.path)
+
+    def check_config(self, cfg: LazyConfig) -> None:
+        """Refuse gates fitted under options that change what a gate's score means."""
+        defaults = LazyConfig()
+        for name in GATE_OPTIONS:
+            saved = self.config.get(name, getattr(defaults, name))
+            if saved != getattr(cfg, name):
+                raise ValueError(
+                    f"the gates in {self.path!r} were fitted with {name}={saved!r}, but this model uses "
+                    f"{name}={getattr(cfg, name)!r}; gates only work under the options they were fitted for. "
+                    f"Apply lazypass with {name}={saved!r}, or fit gates for these options. Nothing was loaded"
+                )
+
+    def copy_into(self, gates: LazyGates) -> None:
+        self.check_layout(gates.layout)
+        with torch.no_grad():
+            for name, param in gates.state_dict(keep_vars=True).items():
+                param.copy_(self.tensors[name].to(param.device, param.dtype))
+
+
+def read_gates(path: str | os.PathLike) -> GateFile:
+    """Read and check a whole gates file (nothing is loaded anywhere)."""
+    layout, tensors, meta = _read(path)
+    return GateFile(os.fspath(path), layout, tensors, json.loads(meta["config"]),
+                    check_threshold(float(meta["threshold"])))
 
 
 def _read(path) -> tuple[list, dict[str, torch.Tensor], dict[str, str]]:
@@ -108,7 +146,8 @@ def _read(path) -> tuple[list, dict[str, torch.Tensor], dict[str, str]]:
     try:
         layout = [(str(kind), tuple(int(d) for d in dims)) for kind, dims in json.loads(meta["layout"])]
         float(meta["threshold"])
-        json.loads(meta["config"])
+        if not isinstance(json.loads(meta["config"]), dict):
+            raise ValueError("config is not a JSON object")
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path!r}: damaged lazypass metadata ({e}); save the gates again") from None
     expected = LazyGates(layout)
@@ -147,4 +186,4 @@ def _check_layout(saved: list, model: list, path) -> None:
     )
 
 
-__all__ = ["save_gates", "load_gates"]
+__all__ = ["GateFile", "load_gates", "read_gates", "save_gates"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -63,7 +63,6 @@ class LazyConfig:
     max_reuse: int | None = None
     sync_decisions: bool | str | None = None
     sync_group: str | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if self.rho_attn is None:
@@ -97,18 +96,21 @@ class LazyConfig:
         return _DTYPES.get(self.cache_dtype) if self.cache_dtype else None
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d.pop("extra")
-        return d
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_options(cls, **options) -> "LazyConfig":
         """Build a config from keyword options, refusing unknown ones."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown lazypass option(s) {unknown}; known options are {sorted(known)}")
         return cls(**options)
+
+
+# Options that change what a gate's score means or when a cache may be used: gates fitted
+# under one value are refused under another (``load_gates``).
+GATE_OPTIONS = ("max_reuse",)
 
 
 def check_threshold(threshold) -> float:

@@ -8,8 +8,12 @@ import numpy as np
 from tabulate import tabulate
 from torch import nn
 
+from lazypass.compiled import compiled_records
+from lazypass.config import LazyConfig
 from lazypass.passes import Site
-from lazypass.runtime import compiled_records, runtime
+from lazypass.passes.match_sites import site_records
+from lazypass.runtime import runtime
+from lazypass.tracing import analyse
 
 
 def _macs(n: float) -> str:
@@ -49,21 +53,30 @@ def site_table(sites: list[Site], model_macs: int) -> str:
 
 
 def report(model: nn.Module, *args, print_table: bool = True, **kwargs) -> list[Site]:
-    """Dry run: trace ``model`` on these inputs, print the site table, return the sites.
+    """Dry run: the sites lazypass finds in ``model`` for these inputs, as a table and records.
+
+    On a lazy model this traces it (as :func:`lazypass.trace` does). On a model that is not
+    lazy yet it captures the graph and runs the analysis only: the model is not changed.
 
     Example:
         >>> import torch, lazypass
         >>> from lazypass.models import tiny_dit
-        >>> model = lazypass.apply(tiny_dit())
-        >>> sites = lazypass.report(model, torch.randn(2, 4, 8, 8), torch.tensor([9, 9]),
+        >>> sites = lazypass.report(tiny_dit(), torch.randn(2, 4, 8, 8), torch.tensor([9, 9]),
         ...                         torch.tensor([1, 2]), print_table=False)
         >>> [s.kind for s in sites]
         ['attn', 'ffn', 'attn', 'ffn']
     """
-    prog, _ = runtime(model).program_for(args, kwargs)
+    rt = model.__dict__.get("_lazypass")
+    if rt is not None:
+        prog, _ = rt.program_for(args, kwargs)
+        sites, model_macs = prog.sites, prog.model_macs
+    else:
+        cfg = LazyConfig()
+        _, _, info = analyse(model, model.forward, cfg, args, kwargs)
+        sites, model_macs = site_records(info, cfg), info.model_macs
     if print_table:
-        print(site_table(prog.sites, prog.model_macs))
-    return prog.sites
+        print(site_table(sites, model_macs))
+    return sites
 
 
 @dataclass
@@ -71,14 +84,14 @@ class Stats:
     """What the gates did over the calls since the last reset.
 
     ``skipped[c, i, b]``: sample ``b`` took the cache of site ``i`` at call ``c``;
-    ``executed[c, i]``: the branch was really not computed (the whole batch skipped);
-    ``scores[c, i, b]``: gate scores. ``lazy_ratio`` counts decisions (what the paper
-    reports), ``executed_ratio`` counts compute that was saved.
+    ``saved[c, i]``: the whole batch skipped, so the branch was not computed and its
+    compute was saved; ``scores[c, i, b]``: gate scores. ``lazy_ratio`` counts decisions
+    (what the paper reports), ``saved_ratio`` counts compute that was saved.
     """
 
     sites: list[Site]
     skipped: np.ndarray
-    executed: np.ndarray
+    saved: np.ndarray
     scores: np.ndarray
 
     def _ratio(self, a: np.ndarray, kind: str | None) -> float:
@@ -95,30 +108,30 @@ class Stats:
         return self._ratio(self.skipped, kind)
 
     @property
-    def executed_ratio(self) -> float:
-        return self._ratio(self.executed, None)
+    def saved_ratio(self) -> float:
+        return self._ratio(self.saved, None)
 
     @property
     def macs_full(self) -> int:
-        return int(sum(s.macs for s in self.sites) * self.executed.shape[0])
+        return int(sum(s.macs for s in self.sites) * self.saved.shape[0])
 
     @property
     def macs_saved(self) -> int:
         per_site = np.array([s.macs for s in self.sites], dtype=np.float64)
-        return int((self.executed * per_site).sum()) if self.executed.size else 0
+        return int((self.saved * per_site).sum()) if self.saved.size else 0
 
     def table(self) -> str:
         rows = []
         for i, s in enumerate(self.sites):
             pattern = "".join("X" if e else ("x" if d.any() else ".") for e, d in
-                              zip(self.executed[:, i], self.skipped[:, i]))
+                              zip(self.saved[:, i], self.skipped[:, i]))
             rows.append([i, s.kind, s.path, pattern, f"{self.skipped[:, i].mean():.0%}",
-                         f"{self.executed[:, i].mean():.0%}"])
+                         f"{self.saved[:, i].mean():.0%}"])
         table = tabulate(rows, headers=["site", "kind", "block path", "calls (X skipped, x some rows)",
-                                        "lazy", "executed"])
+                                        "lazy", "saved"])
         return (
             f"{table}\nlazy ratio {self.lazy_ratio:.1%} (attn {self.lazy_ratio_of('attn'):.1%}, "
-            f"ffn {self.lazy_ratio_of('ffn'):.1%}); executed {self.executed_ratio:.1%}; "
+            f"ffn {self.lazy_ratio_of('ffn'):.1%}); compute saved on {self.saved_ratio:.1%} of branch calls; "
             f"saved {_macs(self.macs_saved)} of {_macs(self.macs_full)} branch MACs"
         )
 
@@ -134,12 +147,12 @@ def stats(model: nn.Module) -> Stats:
     """
     rt = runtime(model)
     prog, state = rt.program, rt.state
-    records = compiled_records(rt) if rt.compiled_last else (state.records if state is not None else [])
+    records = compiled_records(rt) if rt.compiled_last else (list(state.records) if state is not None else [])
     if prog is None or not records:
         sites = prog.sites if prog is not None else []
         n = len(sites)
         return Stats(sites, np.zeros((0, n, 0), bool), np.zeros((0, n), bool), np.zeros((0, n, 0)))
     skipped = np.stack([r[0].detach().cpu().numpy() for r in records])
-    executed = np.stack([r[1].detach().cpu().numpy() for r in records])
+    saved = np.stack([r[1].detach().cpu().numpy() for r in records])
     scores = np.stack([r[2].detach().float().cpu().numpy() for r in records])
-    return Stats(prog.sites, skipped, executed, scores)
+    return Stats(prog.sites, skipped, saved, scores)

@@ -10,13 +10,10 @@ is read on the host and nothing branches in Python on a tensor.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
-import inspect
-import operator
 import types
-
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,12 +21,13 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from lazypass.compiled import RECORDS, compiled_call, live_state, reset_live, swap_live
 from lazypass.config import LazyConfig, check_threshold
 from lazypass.gates import LazyGates
-from lazypass.ops import shape
-from lazypass.passes import ANALYSIS, INFERENCE, TRAINING, NoSitesError, Site, run_passes
+from lazypass.passes import INFERENCE, TRAINING, NoSitesError, Site, StateSpec, eager_twin, run_passes
 from lazypass.passes.match_sites import site_records
-from lazypass.tracing import capture, flatten_inputs, signature
+from lazypass.timesteps import check_timestep_arg, timestep_index
+from lazypass.tracing import analyse, flatten_inputs, signature
 
 
 @dataclass
@@ -37,13 +35,11 @@ class Program:
     """One traced and rewritten graph, specialised to one input signature.
 
     ``core`` holds ``torch.ops.higher_order.cond`` nodes and is what compilers and
-    exporters see; ``eager`` is the same graph with each cond calling its branch
-    directly, which is what the HOP itself does in eager mode minus ~0.1 ms of dispatch
-    per call.
-
+    exporters see; ``eager`` is its twin for eager calls (``passes/eager_twin.py``).
     ``mode`` is "hard" (gated conditionals with cache state, ``insert_gates``) or "soft"
     (the differentiable blend used for fitting, ``soft_blend``); ``state_specs`` lists the
     extra inputs after the user's: threshold and cache state, or mix and previous outputs.
+    ``batch`` is the number of samples per call.
     """
 
     key: tuple
@@ -52,10 +48,9 @@ class Program:
     out_spec: object
     sites: list[Site]
     model_macs: int
-    state_specs: list[tuple[str, tuple[int, ...], torch.dtype]]
+    state_specs: list[StateSpec]
     n_user_outputs: int
-    has_timestep: bool
-    timestep_index: int | None = None  # which input leaf is the timestep
+    batch: int
     mode: str = "hard"
 
 
@@ -64,11 +59,11 @@ _PASSES = {"hard": INFERENCE, "soft": TRAINING}
 
 @dataclass
 class State:
-    """Caches and bookkeeping of one sampling run, plus what happened at each call."""
+    """Caches and bookkeeping of one sampling run, plus what happened at its last calls."""
 
     key: tuple
     tensors: list[torch.Tensor]
-    records: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    records: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECORDS))
 
 
 class Runtime:
@@ -82,7 +77,7 @@ class Runtime:
         self.threshold = cfg.threshold
         self._threshold_tensors: dict[torch.device, torch.Tensor] = {}
         self.pending_gates = None  # set by load_gates before the first trace: callable(LazyGates)
-        self.live: dict[tuple, Live] = {}  # state of compiled calls, see "compiled calls" below
+        self.live = {}  # state of compiled calls per program key (lazypass/compiled.py)
         self.compiled_last = False  # whether the last call ran inside torch.compile
 
     # -- tracing -------------------------------------------------------------------
@@ -96,7 +91,7 @@ class Runtime:
             key = key + (mode,)
         prog = self.programs.get(key)
         if prog is None:
-            _check_timestep_arg(self.forward, self.cfg, args, kwargs)
+            check_timestep_arg(self.forward, self.cfg, args, kwargs)
             try:
                 prog = self._trace(key, args, kwargs, mode)
             except NoSitesError as e:
@@ -108,7 +103,8 @@ class Runtime:
                 raise
             self.programs[key] = prog
             if mode == "hard":
-                self.live[key] = _live_state(self, prog, _device(leaves, self.model))
+                device = _device(leaves, self.model)
+                self.live[key] = live_state(prog, self.threshold_tensor(device), device)
         return prog, leaves
 
     def __deepcopy__(self, memo):
@@ -119,12 +115,15 @@ class Runtime:
         return rt
 
     def _trace(self, key, args, kwargs, mode: str = "hard") -> Program:
-        gm, out_spec = capture(self.model, self.forward, args, kwargs)
-        gm = run_passes(gm, self.cfg, ANALYSIS)
-        matches = gm.meta["lazypass.matches"]
-        batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
-        timestep_index = _timestep_index(gm, args, kwargs, batch)
-        layout = [(m.kind, tuple(shape(s.z)[-1] for s in m.streams)) for m in matches]
+        gm, out_spec, info = analyse(self.model, self.forward, self.cfg, args, kwargs)
+        timestep_index(gm, info.timestep, args, kwargs, info.batch)  # checks its shape
+        info.gates = self._gates(info.layout)
+        sites = site_records(info, self.cfg)
+        gm = run_passes(gm, self.cfg, _PASSES[mode])
+        return Program(key, gm, eager_twin(gm), out_spec, sites, info.model_macs, info.state_specs,
+                       info.n_user_outputs, info.batch, mode)
+
+    def _gates(self, layout) -> LazyGates:
         gates = getattr(self.model, "lazy_gates", None)
         if gates is None:
             param = next(self.model.parameters())
@@ -139,33 +138,11 @@ class Runtime:
                 f"branches: {len(gates.layout)} sites before, {len(layout)} now); lazypass needs the same "
                 "sites for every input shape"
             )
-        gm.meta["lazypass.gates"] = gates
-        sites = site_records(gm, self.cfg, batch)
-        model_macs = gm.meta["lazypass.model_macs"]
-        gm = run_passes(gm, self.cfg, _PASSES[mode])
-        return Program(
-            key=key,
-            core=gm,
-            eager=eager_twin(gm),
-            out_spec=out_spec,
-            sites=sites,
-            model_macs=model_macs,
-            state_specs=gm.meta["lazypass.state_specs"],
-            n_user_outputs=gm.meta["lazypass.n_user_outputs"],
-            has_timestep=gm.meta["lazypass.timestep"] is not None,
-            timestep_index=timestep_index,
-            mode=mode,
-        )
+        return gates
 
     # -- state ---------------------------------------------------------------------
     def fresh_state(self, prog: Program, device: torch.device) -> State:
-        tensors = []
-        for name, shp, dtype in prog.state_specs[1:]:
-            if name == "lazy_last_t":
-                tensors.append(torch.full(shp, math.inf, dtype=dtype, device=device))
-            else:
-                tensors.append(torch.zeros(shp, dtype=dtype, device=device))
-        return State(prog.key, tensors)
+        return State(prog.key, [spec.initial(device) for spec in prog.state_specs[1:]])
 
     def threshold_tensor(self, device: torch.device) -> torch.Tensor:
         t = self._threshold_tensors.get(device)
@@ -191,10 +168,9 @@ class Runtime:
         )
         try:
             with torch.set_grad_enabled(grad):
-                core = prog.core if torch.compiler.is_compiling() else prog.eager
-                outs = core(*leaves, self.threshold_tensor(device), *state.tensors)
+                outs = prog.eager(*leaves, self.threshold_tensor(device), *state.tensors)
         except BaseException:
-            # the core updates the state in place, so a call that failed part-way may have
+            # the program updates the state in place, so a call that failed part-way may have
             # written some caches: that run starts over from empty caches
             if self.state is state:
                 self.state = None
@@ -206,87 +182,11 @@ class Runtime:
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
 
 
-def _direct_cond(pred, true_fn, false_fn, operands):
-    return true_fn(*operands) if pred else false_fn(*operands)
-
-
-def eager_twin(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose cond nodes call the chosen branch directly (eager only).
-
-    Parameters and branch modules are shared with ``gm``, not copied.
-    """
-    graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    attrs = {}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            obj = operator.attrgetter(node.target)(gm)
-            attrs[node.target] = eager_twin(obj) if isinstance(obj, fx.GraphModule) else obj
-        elif node.target is torch.ops.higher_order.cond:
-            node.target = _direct_cond
-    return fx.GraphModule(attrs, graph)
-
-
 def _device(leaves, model) -> torch.device:
     for x in leaves:
         if isinstance(x, torch.Tensor):
             return x.device
     return next(model.parameters()).device
-
-
-_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
-
-
-def _check_timestep_arg(forward, cfg: LazyConfig, args: tuple, kwargs: dict) -> None:
-    """Before tracing, check the argument named like a timestep (or ``timestep_arg``).
-
-    A Python number would be traced as a constant of the graph: every step would retrace
-    and start from empty caches, and an exported graph would hold one fixed step. A tensor
-    of shape (B, 1) or with the wrong length often broadcasts silently inside the model.
-    Both are refused here, before they can reach a graph; after tracing, the input found
-    to feed the timestep embedding is checked again by ``_timestep_index``.
-    """
-    names = (cfg.timestep_arg,) if cfg.timestep_arg else _TIMESTEP_NAMES
-    try:
-        bound = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        bound = kwargs
-    # the batch is the leading dim of the first tensor input in signature order (hidden_states)
-    batch = next((x.shape[0] for x in pytree.tree_leaves(list(bound.values()))
-                  if isinstance(x, torch.Tensor) and x.dim() >= 2), None)
-    for name in names:
-        v = bound.get(name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            raise TypeError(
-                f"{name}={v!r} is a Python number; lazypass needs the timestep as a tensor, e.g. "
-                f"torch.full((batch,), {v!r}) (a number would be traced as a constant, so the model "
-                "could not tell the sampling steps apart)"
-            )
-        if isinstance(v, torch.Tensor):
-            _check_timestep_shape(name, v, batch)
-
-
-def _check_timestep_shape(name: str, t: torch.Tensor, batch: int | None) -> None:
-    if t.dim() == 0 or (t.dim() == 1 and (batch is None or t.shape[0] in (1, batch))):
-        return
-    want = f"({batch},)" if batch is not None else "(batch,)"
-    raise ValueError(
-        f"the timestep {name!r} has shape {tuple(t.shape)}; lazypass needs a 0-d tensor, shape (1,) "
-        f"or one timestep per sample, shape {want} (reshape it, e.g. t.reshape(-1))"
-    )
-
-
-def _timestep_index(gm: fx.GraphModule, args: tuple, kwargs: dict, batch: int) -> int | None:
-    """Leaf index of the timestep input; checks its shape is one the step logic understands."""
-    node = gm.meta.get("lazypass.timestep")
-    if node is None:
-        return None
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index = placeholders.index(node)
-    leaves, _ = flatten_inputs(args, kwargs)
-    if isinstance(leaves[index], torch.Tensor):
-        _check_timestep_shape(str(node.target), leaves[index], batch)
-    return index
 
 
 class NotTracedError(RuntimeError):
@@ -332,6 +232,25 @@ def traced_program(model: nn.Module, *args, **kwargs) -> Program:
         f"{type(model).__name__} was traced for {len(rt.programs)} input signatures and none has run "
         "yet; pass the example inputs to pick one"
     )
+
+
+def trace(model: nn.Module, *args, **kwargs) -> list[Site]:
+    """Trace a lazy model now for these inputs (creating its gates); returns its sites.
+
+    A model is otherwise traced at its first call. Tracing first is needed before
+    ``torch.compile`` or an export, and before fitting or loading gates into a model
+    whose gates must exist.
+
+    Example:
+        >>> import torch, lazypass
+        >>> from lazypass.models import tiny_dit
+        >>> model = lazypass.apply(tiny_dit())
+        >>> x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([999, 999]), torch.tensor([1, 2])
+        >>> [s.kind for s in lazypass.trace(model, x, t, y)]
+        ['attn', 'ffn', 'attn', 'ffn']
+    """
+    prog, _ = runtime(model).program_for(args, kwargs)
+    return prog.sites
 
 
 def runtime(model: nn.Module) -> Runtime:
@@ -393,7 +312,7 @@ def _lazy_forward(self, *args, **kwargs):
     """Lazy forward (lazypass): gated branches with per-run caches."""
     rt = runtime(self)
     if torch.compiler.is_compiling():
-        return _compiled_call(rt, args, kwargs)
+        return compiled_call(rt, args, kwargs)
     return rt(*args, **kwargs)
 
 
@@ -411,20 +330,20 @@ def reset(model: nn.Module) -> None:
     """
     rt = runtime(model)
     rt.state = None
-    _reset_live(rt)
+    reset_live(rt)
 
 
 @contextlib.contextmanager
 def _swap(rt: Runtime, holder: "trajectory"):
     saved = rt.state
     rt.state = holder.state
-    saved_live = _swap_live(rt, holder.__dict__.pop("_live", None))
+    saved_live = swap_live(rt, holder.__dict__.pop("_live", None))
     try:
         yield holder
     finally:
         holder.state = rt.state
         rt.state = saved
-        holder._live = _swap_live(rt, saved_live)
+        holder._live = swap_live(rt, saved_live)
 
 
 class trajectory:
@@ -468,108 +387,3 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
         model.__dict__["_lazypass_pending_threshold"] = value
         return
     rt.set_threshold(value)
-
-
-
-
-# -- compiled calls ---------------------------------------------------------------------
-# Under ``torch.compile`` dynamo traces the shell ``forward`` into ``_compiled_call``.  It
-# must stay one graph (``fullgraph=True``) that is never recompiled while sampling, so:
-# - nothing is traced here: the program must exist (an eager call, ``report`` or
-#   ``apply(example_inputs=...)`` made it); ``torch.export`` cannot run inside dynamo;
-# - the state lives in persistent buffers per program (``Live``), allocated eagerly when
-#   the program is traced and only ever updated in place, so dynamo sees the same tensors
-#   with the same metadata on every call, and CUDA graphs see fixed addresses;
-#   ``reset`` and ``trajectory`` refill or swap their *contents* outside the graph;
-# - the per-call records go into ring buffers indexed by a call counter tensor (no Python
-#   list that grows, which would be a guard on its length and a recompile per call).
-# Eager and compiled calls keep separate caches; ``stats`` reads whichever ran last.
-
-RECORDS = 1024  # calls whose decisions ``stats`` can show after compiled calls
-
-
-@dataclass
-class Live:
-    """Buffers a compiled call reads and updates in place."""
-
-    tensors: list[torch.Tensor]  # the state inputs after the threshold, as in state_specs[1:]
-    threshold: torch.Tensor
-    records: list[torch.Tensor]  # ring buffers: skipped (R, sites, B), executed (R, sites), scores (R, sites, B)
-    count: torch.Tensor  # 0-d int64: calls made since the last reset
-
-    def buffers(self) -> list[torch.Tensor]:
-        return [*self.tensors, *self.records, self.count]
-
-
-def _live_state(rt: Runtime, prog: Program, device: torch.device) -> Live:
-    tensors = rt.fresh_state(prog, device).tensors
-    sites, batch = len(prog.sites), prog.state_specs[1][1][0]
-    records = [
-        torch.zeros(RECORDS, sites, batch, dtype=torch.bool, device=device),
-        torch.zeros(RECORDS, sites, dtype=torch.bool, device=device),
-        torch.zeros(RECORDS, sites, batch, dtype=torch.float32, device=device),
-    ]
-    count = torch.zeros((), dtype=torch.int64, device=device)
-    return Live(tensors, rt.threshold_tensor(device), records, count)
-
-
-@torch.no_grad()
-def _reset_live(rt: Runtime, keys=None) -> None:
-    for key in rt.live if keys is None else keys:
-        live = rt.live[key]
-        for dst, src in zip(live.tensors, rt.fresh_state(rt.programs[key], live.count.device).tensors):
-            dst.copy_(src)
-        live.count.zero_()
-
-
-@torch.no_grad()
-def _swap_live(rt: Runtime, snapshot: dict | None) -> dict | None:
-    """Put ``snapshot`` (or empty caches) into the live buffers; return what they held."""
-    if not rt.live:
-        return None
-    current = {key: [t.clone() for t in live.buffers()] for key, live in rt.live.items()}
-    missing = []
-    for key, live in rt.live.items():
-        saved = (snapshot or {}).get(key)
-        if saved is None:
-            missing.append(key)
-        else:
-            for dst, src in zip(live.buffers(), saved):
-                dst.copy_(src)
-    _reset_live(rt, missing)
-    return current
-
-
-def compiled_records(rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The (skipped, executed, scores) of the compiled calls since the last reset, oldest first."""
-    if rt.program is None or rt.program.key not in rt.live:
-        return []
-    live = rt.live[rt.program.key]
-    count = int(live.count)
-    order = [i % RECORDS for i in range(max(0, count - RECORDS), count)]
-    return [tuple(r[i] for r in live.records) for i in order]
-
-
-def _compiled_call(rt: Runtime, args: tuple, kwargs: dict):
-    leaves, spec = flatten_inputs(args, kwargs)
-    key = signature(rt.model, leaves, spec)
-    prog = rt.programs.get(key)
-    if prog is None:
-        raise RuntimeError(
-            f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet, and tracing "
-            "(torch.export) cannot run inside torch.compile. Call the lazy model once eagerly with inputs "
-            "of the same shapes, or pass example_inputs to lazypass.apply, before calling the compiled model"
-        )
-    live = rt.live[key]
-    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
-    with torch.set_grad_enabled(grad):
-        outs = prog.core(*leaves, live.threshold, *live.tensors)
-    n = prog.n_user_outputs
-    with torch.no_grad():
-        slot = torch.remainder(live.count, RECORDS).reshape(1)
-        for buf, rec in zip(live.records, outs[n:]):
-            buf.index_copy_(0, slot, rec.unsqueeze(0).to(buf.dtype))
-        live.count.add_(1)
-    rt.program = prog
-    rt.compiled_last = True
-    return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)

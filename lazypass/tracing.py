@@ -75,3 +75,13 @@ def capture(model: nn.Module, forward, args: tuple, kwargs: dict) -> tuple[fx.Gr
     gm.graph._codegen = fx.graph.CodeGen()
     gm.recompile()
     return gm, out_spec
+
+
+def analyse(model: nn.Module, forward, cfg, args: tuple, kwargs: dict):
+    """Capture ``forward`` and find its sites: ``(gm, out_spec, GraphInfo)``; changes nothing
+    on the model (``report`` uses this for a dry run on a model that is not lazy)."""
+    from lazypass.passes import ANALYSIS, graph_info, run_passes
+
+    gm, out_spec = capture(model, forward, args, kwargs)
+    gm = run_passes(gm, cfg, ANALYSIS)
+    return gm, out_spec, graph_info(gm)

@@ -8,7 +8,7 @@ from torch import nn
 
 import lazypass
 from lazypass.runtime import NotTracedError, runtime, traced_program
-from tests.archs import ARCHS
+from tests.archs import ARCHS, random_gates
 
 ARCH = ARCHS["ref_dit"]
 
@@ -204,15 +204,12 @@ def test_traced_program_before_tracing_is_a_clear_error():
 
 # -- gate files -----------------------------------------------------------------------
 
-def _gated(arch_name, seed=1, threshold=0.6):
+def _gated(arch_name, seed=1, threshold=0.6, **options):
     arch = ARCHS[arch_name]
-    model = lazypass.apply(arch.build())
+    model = lazypass.apply(arch.build(), **options)
     args, kwargs = arch.inputs(2, 900, 0)
-    lazypass.report(model, *args, print_table=False, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    lazypass.trace(model, *args, **kwargs)
+    random_gates(model, seed)
     lazypass.set_threshold(model, threshold)
     return model, arch
 
@@ -279,3 +276,13 @@ def test_wrong_gate_file_before_tracing_refuses_until_right_gates_are_loaded(tmp
     assert not hasattr(model, "lazy_gates")
     lazypass.load_gates(model, tmp_path / "dit.safetensors")
     assert all(torch.equal(a, b) for a, b in zip(_trajectory(model, arch), expected))
+
+
+def test_gate_file_fitted_under_other_options_changes_nothing(tmp_path):
+    other, arch = _gated("diffusers_dit", max_reuse=1)
+    lazypass.save_gates(other, tmp_path / "capped.safetensors")
+    model, _ = _gated("diffusers_dit")
+    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
+    with pytest.raises(ValueError, match="fitted with max_reuse=1.*this model uses max_reuse=None"):
+        lazypass.load_gates(model, tmp_path / "capped.safetensors")
+    _unchanged(model, arch, gates, outs)

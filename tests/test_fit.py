@@ -63,7 +63,7 @@ def test_soft_program_branch_outputs_and_full_mix(name):
         expected = arch.output(ref(*args, **kwargs))
     for h in hooks:
         h.remove()
-    prevs = [torch.randn(shp) for _, shp, _ in prog.state_specs[1:]]
+    prevs = [torch.randn(s.shape) for s in prog.state_specs[1:]]
     with torch.no_grad():
         outs = prog.core(*leaves, torch.tensor(0.0), *prevs)  # mix 0: the full model, exactly
     n = prog.n_user_outputs
@@ -83,7 +83,7 @@ def test_soft_blend_is_the_papers_blend():
     x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
     prog, leaves = runtime(model).program_for((x, t, y), {}, mode="soft")
     with torch.no_grad():
-        full = prog.core(*leaves, torch.tensor(0.0), *[torch.zeros(s) for _, s, _ in prog.state_specs[1:]])
+        full = prog.core(*leaves, torch.tensor(0.0), *[torch.zeros(s.shape) for s in prog.state_specs[1:]])
         fz = list(full[1:-1])
         same = prog.core(*leaves, torch.tensor(1.0), *fz)  # Y_prev = F(Z): blend changes nothing
         assert (same[0] - full[0]).abs().max() <= 1e-5

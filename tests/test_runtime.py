@@ -78,7 +78,7 @@ def test_threshold_below_zero_reuses_step_one(arch):
     # and it really differs from computing step 2 in full
     assert (second - _run(ref, arch, 2, TIMESTEPS[1], seed=1)).abs().max() > 1e-3
     st = lazypass.stats(model)
-    assert not st.executed[0].any() and st.executed[1].all()
+    assert not st.saved[0].any() and st.saved[1].all()
     assert first.shape == second.shape
 
 
@@ -170,7 +170,7 @@ def test_threshold_set_before_apply_is_remembered():
     lazypass.apply(model)
     _run(model, arch, 2, TIMESTEPS[0])
     _run(model, arch, 2, TIMESTEPS[1])
-    assert lazypass.stats(model).executed[1].all()
+    assert lazypass.stats(model).saved[1].all()
 
 
 def test_gates_are_registered_parameters_and_caches_are_not_state():
@@ -234,10 +234,45 @@ def test_max_reuse_one_never_reuses_a_cache_twice_in_a_row(name):
         lazypass.set_threshold(ref, -0.5 if k % 2 else 1.5)
         expected = _run(ref, arch, 2, t, seed=k)
         assert (out - expected).abs().max() <= 1e-5
-    executed = lazypass.stats(model).executed
-    assert executed[[1, 3]].all() and not executed[[0, 2]].any()
+    saved = lazypass.stats(model).saved
+    assert saved[[1, 3]].all() and not saved[[0, 2]].any()
 
 
 def test_max_reuse_other_than_one_is_refused():
     with pytest.raises(ValueError, match="max_reuse"):
         lazypass.apply(ARCHS["ref_dit"].build(), max_reuse=3)
+
+
+def test_report_on_a_model_that_is_not_lazy_is_a_dry_run(capsys):
+    arch = ARCHS["pixart"]
+    model = arch.build()
+    forward = model.forward
+    args, kwargs = arch.inputs(2, 900, 0)
+    sites = lazypass.report(model, *args, **kwargs)
+    assert [s.kind for s in sites] == arch.kinds
+    assert "sites" in capsys.readouterr().out
+    assert "_lazypass" not in model.__dict__ and not hasattr(model, "lazy_gates")
+    assert model.forward == forward
+
+
+def test_trace_creates_the_gates_before_any_call():
+    arch = ARCHS["ref_dit"]
+    model = lazypass.apply(arch.build())
+    assert not hasattr(model, "lazy_gates")
+    args, kwargs = arch.inputs(2, 900, 0)
+    sites = lazypass.trace(model, *args, **kwargs)
+    assert [s.kind for s in sites] == arch.kinds
+    assert len(model.lazy_gates.layout) == len(sites)
+    assert lazypass.stats(model).skipped.shape[0] == 0  # tracing is not a call
+
+
+def test_eager_records_stay_bounded_without_a_reset():
+    from lazypass.compiled import RECORDS
+
+    arch = ARCHS["ref_dit"]
+    model = lazypass.apply(arch.build())
+    x, _, y = arch.inputs(1, 900, 0)[0]
+    with torch.no_grad():
+        for k in range(RECORDS + 5):  # a falling timestep: one run that is never reset
+            model(x, torch.tensor([5000 - k]), y)
+    assert lazypass.stats(model).skipped.shape[0] == RECORDS

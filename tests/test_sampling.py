@@ -81,7 +81,8 @@ def test_split_cfg_equals_batched_cfg():
     batches.clear()
     split = ddim_sample(recording, noise, 5, split_cfg=True, **kw)
     assert batches == [3] * 10
-    torch.testing.assert_close(split, batched, rtol=0, atol=1e-6)
+    # the project's batch tolerance (1e-5) on model outputs; x0 magnifies them, so relative as well
+    torch.testing.assert_close(split, batched, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batched, ddim_sample(fn, noise, 5, cond=y), atol=1e-4)
 
 

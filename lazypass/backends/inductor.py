@@ -4,18 +4,19 @@ Dynamo hands the backend an FX graph of torch-level ops.  Two cases:
 
 - **The model is lazy already** (``lazypass.apply``).  Dynamo traced the lazy shell, so
   the graph holds one ``torch.ops.higher_order.cond`` per site, the gate scores and the
-  in-place state updates (see "compiled calls" in ``lazypass/runtime.py``).  The backend
+  in-place state updates (see ``lazypass/compiled.py``).  The backend
   leaves the conditionals whole and gives the graph to Inductor's ``compile_fx``.  The
   state is read from and written to the runtime's persistent buffers, so ``reset``,
   ``trajectory``, ``set_threshold`` and ``stats`` work as in eager mode.
 - **The model is not lazy.**  The backend runs the passes on the dynamo graph itself
   (prune, match sites, insert gates), with gates from the ``gates`` option (a
-  ``LazyGates`` or a safetensors file of its ``state_dict``; zero gates by default, which
-  never skip).  The cache state then lives in tensors held by the returned callable; a
+  ``LazyGates`` or a file written by ``lazypass.save_gates``, whose threshold it uses; zero
+  gates by default, which never skip).  The cache state then lives in tensors held by the returned callable; a
   new sampling run is detected in the graph as for every lazy model (the timestep rises).
   There is no ``reset``/``stats`` for such a model: use ``lazypass.apply`` for those.
 
-A graph that already contains ``cond`` is taken as case one and not rewritten again.
+A graph is taken as case one when its inputs include the lazy model's state buffers
+(``lazypass/compiled.py``); a user graph holding ``torch.cond`` of its own is case two.
 Options (``torch.compile(..., options={...})``) are the fields of ``LazyConfig`` plus
 ``gates`` and ``inductor`` (a dict of Inductor config patches); anything else is an error.
 ``mode`` ("reduce-overhead", "max-autotune", ...) maps to Inductor's options as it
@@ -25,16 +26,16 @@ does for ``backend="inductor"``.
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch
 import torch.fx as fx
 
+from lazypass.checkpoint import read_gates
+from lazypass.compiled import is_state_tensor
 from lazypass.config import LazyConfig
 from lazypass.gates import LazyGates
-from lazypass.ops import shape
-from lazypass.passes import ANALYSIS, INFERENCE, run_passes
+from lazypass.passes import ANALYSIS, INFERENCE, graph_info, run_passes
 
 log = logging.getLogger(__name__)
 NAME = "lazydit"
@@ -60,7 +61,7 @@ def lazydit_backend(gm: fx.GraphModule, example_inputs: list, *, mode: str | Non
         patches = {**torch._inductor.list_mode_options(mode), **patches}
     from torch._inductor.compile_fx import compile_fx
 
-    if _conds(gm):  # lazy already: keep the conditionals whole
+    if any(is_state_tensor(x) for x in example_inputs):  # a lazy model's graph: keep its conditionals
         if gates is not None:
             raise ValueError("the 'gates' option is for models that are not lazy yet; this one has its "
                              "own model.lazy_gates (load gates into those instead)")
@@ -73,30 +74,23 @@ def _conds(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.higher_order.cond]
 
 
-def _load_gates(gates, layout) -> LazyGates:
+def _gates(gates, layout, cfg: LazyConfig) -> tuple[LazyGates, float]:
+    """The gates for a graph the backend made lazy, and the threshold to start from."""
     if gates is None:
-        return LazyGates(layout)
+        return LazyGates(layout), cfg.threshold
     if isinstance(gates, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
+        saved = read_gates(gates)  # every check load_gates makes, before anything is copied
+        saved.check_config(cfg)
         loaded = LazyGates(layout)
-        state = load_file(os.fspath(gates))
-        expected = set(loaded.state_dict())
-        if set(state) != expected:
-            raise ValueError(f"gates file {os.fspath(gates)!r} does not fit this model's {len(layout)} sites: "
-                             f"it holds {sorted(state)[:6]}..., expected {sorted(expected)[:6]}...")
-        try:
-            loaded.load_state_dict(state)
-        except RuntimeError as e:
-            raise ValueError(f"gates file {os.fspath(gates)!r} does not fit this model's sites: {e}") from None
-        gates = loaded
+        saved.copy_into(loaded)
+        return loaded, saved.threshold
     if not isinstance(gates, LazyGates):
         raise TypeError(f"the 'gates' option must be a LazyGates or a safetensors path, got {type(gates).__name__}")
     if gates.layout != layout:
         raise ValueError(f"the gates were made for other sites ({len(gates.layout)} sites, fingerprint "
                          f"{gates.fingerprint()}) than this model has ({len(layout)} sites, fingerprint "
                          f"{LazyGates(layout).fingerprint()})")
-    return gates
+    return gates, cfg.threshold
 
 
 def _lazy_compile(gm: fx.GraphModule, example_inputs: list, cfg: LazyConfig, gates, patches: dict):
@@ -104,18 +98,16 @@ def _lazy_compile(gm: fx.GraphModule, example_inputs: list, cfg: LazyConfig, gat
     from torch._inductor.compile_fx import compile_fx
 
     gm = run_passes(_copy(gm), cfg, ANALYSIS)
-    matches = gm.meta["lazypass.matches"]
-    layout = [(m.kind, tuple(shape(s.z)[-1] for s in m.streams)) for m in matches]
+    info = graph_info(gm)
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-    gm.meta["lazypass.gates"] = _load_gates(gates, layout).to(device).requires_grad_(False)
+    gates, threshold = _gates(gates, info.layout, cfg)
+    info.gates = gates.to(device).requires_grad_(False)
     gm = run_passes(gm, cfg, INFERENCE)
     _name_new_params(gm)
-    state = [torch.tensor(cfg.threshold, dtype=torch.float32, device=device)]
-    for name, shp, dtype in gm.meta["lazypass.state_specs"][1:]:
-        fill = math.inf if name == "lazy_last_t" else 0
-        state.append(torch.full(shp, fill, dtype=dtype, device=device))
-    n = gm.meta["lazypass.n_user_outputs"]
-    log.info("lazydit: %d sites inserted into a dynamo graph -> inductor", len(matches))
+    state = [torch.tensor(threshold, dtype=torch.float32, device=device)]
+    state += [spec.initial(device) for spec in info.state_specs[1:]]
+    n = info.n_user_outputs
+    log.info("lazydit: %d sites inserted into a dynamo graph -> inductor", len(info.matches))
     compiled = compile_fx(gm, list(example_inputs) + state, config_patches=patches)
 
     def run(*args):
@@ -159,13 +151,21 @@ def _name_new_params(gm: fx.GraphModule) -> None:
 
 
 def register() -> None:
-    """Make ``backend="lazydit"`` known to dynamo (``import lazypass`` does this)."""
-    from torch._dynamo.backends import registry
+    """Make ``backend="lazydit"`` known to dynamo (``import lazypass`` calls this).
 
-    # When dynamo loads us through the entry point it registers the function itself, and a
-    # second registration under the same name is an error.
-    if NAME not in registry._BACKENDS and NAME not in registry._COMPILER_FNS:
-        registry.register_backend(lazydit_backend, name=NAME)
+    An installed lazypass declares the backend through the ``torch_dynamo_backends`` entry
+    point, which dynamo reads when the name is first looked up; then nothing is done here
+    (and ``import lazypass`` does not import dynamo). A source checkout on ``PYTHONPATH``
+    has no entry point, so the backend is registered with ``torch._dynamo.register_backend``.
+    """
+    from importlib.metadata import entry_points
+
+    if any(ep.name == NAME for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    import torch._dynamo
+
+    if NAME not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(lazydit_backend, name=NAME)
 
 
 __all__ = ["lazydit_backend", "register"]

@@ -129,7 +129,7 @@ class SoftModel:
         specs = prog.state_specs[1:]
         prevs = self._prevs
         if prevs is None:
-            prevs = [torch.zeros(_field(s, "shape", 1), dtype=_field(s, "dtype", 2), device=device) for s in specs]
+            prevs = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in specs]
         if len(prevs) != len(specs):
             raise RuntimeError("internal: previous branch outputs do not match the soft program")
         outs = prog.core(*leaves, self._mix_tensor(device), *prevs)
@@ -144,7 +144,3 @@ class SoftModel:
             self._mix_tensors[key] = torch.tensor(self._mix, dtype=torch.float32, device=device)
         return self._mix_tensors[key]
 
-
-def _field(spec, name: str, index: int):
-    """A field of a state spec: a ``StateSpec`` named tuple (by name) or a plain tuple."""
-    return getattr(spec, name) if hasattr(spec, name) else spec[index]

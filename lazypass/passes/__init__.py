@@ -1,13 +1,20 @@
-"""The lazy passes, in the order they run. Each is ``pass_(gm, cfg) -> gm``."""
+"""The lazy passes, in the order they run. Each is ``pass_(gm, cfg) -> gm``.
+
+``ANALYSIS`` finds the sites and attaches a :class:`GraphInfo`; ``INFERENCE`` (gated
+conditionals with cache state) or ``TRAINING`` (the soft blend of fitting) rewrites them.
+``eager_twin`` makes the copy that eager calls run.
+"""
 
 from __future__ import annotations
 
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.passes.eager_twin import eager_twin
 from lazypass.passes.functionalize import functionalize
+from lazypass.passes.info import GraphInfo, Match, Site, StateSpec, graph_info
 from lazypass.passes.insert_gates import insert_gates
-from lazypass.passes.match_sites import Match, NoSitesError, Site, match_sites
+from lazypass.passes.match_sites import NoSitesError, match_sites
 from lazypass.passes.prune import prune
 from lazypass.passes.soft_blend import soft_blend
 
@@ -26,5 +33,5 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
 
 
 __all__ = ["ANALYSIS", "INFERENCE", "TRAINING", "run_passes", "functionalize", "prune", "match_sites",
-           "insert_gates", "soft_blend",
-           "Site", "Match", "NoSitesError"]
+           "insert_gates", "soft_blend", "eager_twin", "graph_info",
+           "GraphInfo", "Site", "StateSpec", "Match", "NoSitesError"]

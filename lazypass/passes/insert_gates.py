@@ -9,7 +9,8 @@ and updates the state tensors *in place* (``copy_`` / ``index_copy_``, one cache
 call, like gpt-fast's KV cache): eager mode writes one slot and nothing more, compiled
 graphs keep static buffers (CUDA graphs), and ``torch.export`` functionalises the writes
 into explicit inputs/outputs for ONNX.  After the user's outputs the graph returns
-``skipped`` (sites, B) bool, ``executed`` (sites,) bool and ``scores`` (sites, B) f32.
+``skipped`` (sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the
+branch was not computed) and ``scores`` (sites, B) f32.
 K is ``calls_per_step``: the k-th call at the same timestep uses cache slot k; a call past
 K computes in full and leaves its slot invalid.
 
@@ -23,34 +24,36 @@ depends on its batch, while the common all/none cases pay for no extra copy.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 
 import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
-from lazypass.distributed import all_reduce, sync_mode
 from lazypass.ops import shape, value
+from lazypass.passes.build import caller, graph_inputs, inserting_after, user_outputs
+from lazypass.passes.info import graph_info
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
 
 def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
-    matches = gm.meta["lazypass.matches"]
-    gates = gm.meta["lazypass.gates"]
+    from lazypass.distributed import all_reduce, sync_mode  # torch.distributed only when used
+
+    info = graph_info(gm)
+    matches, gates, batch, timestep = info.matches, info.gates, info.batch, info.timestep
     graph = gm.graph
     K = cfg.calls_per_step
-    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
-    timestep = gm.meta["lazypass.timestep"]
     sync = sync_mode(gm, cfg)
+    call = caller(graph)
 
-    output = next(n for n in graph.nodes if n.op == "output")
-    user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
+    output, outputs = user_outputs(graph)
     state_input, specs = graph_inputs(graph)
 
     threshold = state_input("lazy_threshold", (), torch.float32)
-    last_t = state_input("lazy_last_t", (batch,), torch.float32)
+    last_t = state_input("lazy_last_t", (batch,), torch.float32, math.inf)
     call_index = state_input("lazy_call_index", (), torch.int64)
     site_state = []
     for i, m in enumerate(matches):
@@ -60,9 +63,6 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             for j, s in enumerate(m.streams)
         ]
         site_state.append((valid, caches))
-
-    def call(target, *args, **kwargs):
-        return graph.call_function(target, args, kwargs)
 
     # Step bookkeeping, right after the inputs: which cache slot this call uses, and
     # which samples start a new run (their timestep went up).
@@ -82,19 +82,17 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             not_new = in_range = None
             slot = call(aten.zeros.default, [1], dtype=torch.int64, device=value(matches[0].streams[0].x).device)
 
-    skipped, executed, scores = [], [], []
+    skipped, saved, scores = [], [], []
     for i, (m, (valid, caches)) in enumerate(zip(matches, site_state)):
         # after the step bookkeeping too: a site may read only graph inputs (StableAudio)
         last_input = max([s.z for s in m.streams] + m.operands + [slot], key=_position(graph))
-        with graph.inserting_after(last_input):
-            marker = call(operator.add, 0, 0)  # insertion point; erased below
-        with graph.inserting_before(marker):
+        with inserting_after(graph, last_input):
             if not_new is not None:
                 call(aten.logical_and_.default, valid, not_new)
             row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
             if in_range is not None:
                 row = call(aten.logical_and.default, row, in_range)
-            score = gate_score(call, gm, gates, i, m, sync)
+            score = gate_score(call, gm, gates, i, m, batch, sync)
             skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
             if sync is not None:  # a sample skips only where every rank may skip it
                 flags = call(aten._to_copy.default, skip, dtype=torch.int32)
@@ -116,41 +114,23 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             if cfg.max_reuse == 1:  # a row just reused may not be reused again next step
                 written = call(aten.logical_and.default, written, call(aten.logical_not.default, skip))
             call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
-        graph.erase_node(marker)
         for out, s in zip(outs, m.streams):
             out.meta["val"] = _dense_value(value(s.y))
             s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u not in m.nodes)
         for n in reversed(m.nodes):
             graph.erase_node(n)
         skipped.append(skip)
-        executed.append(everyone)
+        saved.append(everyone)
         scores.append(score)
 
     with graph.inserting_before(output):
-        records = [call(aten.stack.default, r) for r in (skipped, executed, scores)]
-    output.args = (tuple(user_outputs) + tuple(records),)
-    gm.meta["lazypass.state_specs"] = specs
-    gm.meta["lazypass.n_user_outputs"] = len(user_outputs)
+        records = [call(aten.stack.default, r) for r in (skipped, saved, scores)]
+    output.args = (tuple(outputs) + tuple(records),)
+    info.state_specs = specs
+    info.n_user_outputs = len(outputs)
     graph.lint()
     log.info("insert_gates: %d conditionals", len(matches))
     return gm
-
-
-def graph_inputs(graph: fx.Graph):
-    """``(add, specs)``: ``add(name, shape, dtype)`` appends a graph input after the last one
-    and records ``(name, shape, dtype)`` in ``specs``. Shared with ``soft_blend``."""
-    specs: list[tuple[str, tuple[int, ...], torch.dtype]] = []
-    anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
-
-    def add(name, shp, dtype):
-        nonlocal anchor
-        with graph.inserting_after(anchor):
-            anchor = graph.placeholder(name)
-        anchor.meta["val"] = torch.empty(shp, dtype=dtype, device="meta")
-        specs.append((name, tuple(shp), dtype))
-        return anchor
-
-    return add, specs
 
 
 def _position(graph: fx.Graph):
@@ -174,14 +154,13 @@ def _finite_rows(call, node, batch):
     return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
 
 
-def gate_score(call, gm, gates, i, m, sync=None):
+def gate_score(call, gm, gates, i, m, batch, sync=None):
     """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
 
     Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
     every rank the score of the unsharded model. Rows of a site are sample-major, so
     ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where frames are
     folded into the leading dim (Latte)."""
-    batch = gm.meta.get("lazypass.batch") or shape(m.streams[0].x)[0]
     logit = None
     for j, s in enumerate(m.streams):
         z = s.z
@@ -192,6 +171,8 @@ def gate_score(call, gm, gates, i, m, sync=None):
         term = call(aten.mv.default, summed, w)
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
     if sync is not None and sync[0] == "sharded":
+        from lazypass.distributed import all_reduce
+
         logit = all_reduce(call, logit, "sum", sync[1])
     b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, i)
     return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
@@ -254,7 +235,7 @@ def _dense_value(v):
         return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
-def _branches(gm, m, i, cache_dtypes, len_skip):
+def _branches(gm, m, i, cache_dtypes, batch):
     """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
     n_out = len(m.streams)
     names = tuple(f"cache_{j}" for j in range(n_out)) + ("slot", "skip", "anyone")
@@ -274,9 +255,9 @@ def _branches(gm, m, i, cache_dtypes, len_skip):
     for out, cache, s, d in zip(outs, caches, m.streams, dtypes):
         rows_of, rank = shape(s.y)[0], len(shape(s.y))
         mask = skip
-        if rows_of != len_skip:  # frames folded into the batch dim: one flag per sample's rows
+        if rows_of != batch:  # frames folded into the batch dim: one flag per sample's rows
             mask = mixed.call_function(aten.reshape.default, (skip, [-1, 1]))
-            mask = mixed.call_function(aten.expand.default, (mask, [len_skip, rows_of // len_skip]))
+            mask = mixed.call_function(aten.expand.default, (mask, [batch, rows_of // batch]))
         mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
         rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
     mixed.output(tuple(_dense(mixed, r, s) for r, s in zip(rows, m.streams)))

@@ -40,47 +40,9 @@ import torch.fx as fx
 
 from lazypass.config import LazyConfig
 from lazypass.ops import is_heavy, macs, op_kind, shape, value
+from lazypass.passes.info import GraphInfo, Match, Site, Stream, set_graph_info
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Site:
-    """A lazy site as ``report`` shows it.
-
-    ``tokens``/``dims`` give the gate input ``Z`` of each stream (tokens x hidden dim);
-    ``macs`` are multiply-accumulates of the skippable branch per call (whole batch);
-    ``cache_bytes`` is the memory of its caches (all call slots).
-    """
-
-    index: int
-    kind: str
-    path: str
-    tokens: tuple[int, ...]
-    dims: tuple[int, ...]
-    out_shapes: tuple[tuple[int, ...], ...]
-    macs: int
-    cache_bytes: int
-
-
-@dataclass
-class Stream:
-    x: fx.Node
-    z: fx.Node
-    y: fx.Node
-    add: fx.Node
-
-
-@dataclass
-class Match:
-    """A site while the passes work on it: its nodes in the graph being rewritten."""
-
-    kind: str
-    path: str
-    streams: list[Stream]
-    nodes: list[fx.Node]  # F, in graph order
-    macs: int
-    operands: list[fx.Node] = field(default_factory=list)  # what F reads from outside
 
 
 @dataclass
@@ -101,7 +63,7 @@ class NoSitesError(ValueError):
 
 
 def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
-    """Find sites; leaves ``gm.meta["lazypass.matches"]`` and friends, changes no node."""
+    """Find sites; attaches a :class:`GraphInfo` (``graph_info(gm)``), changes no node."""
     graph = gm.graph
     order = {n: i for i, n in enumerate(graph.nodes)}
     candidates = [c for add in graph.nodes if op_kind(add) == "add" for c in [_candidate(add, order)] if c]
@@ -129,10 +91,6 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     for m in misfits:
         log.info("match_sites: skip branch %s: its leading dim is not a multiple of the batch %s", m.path, batch)
     matches = [m for m in matches if m not in misfits]
-    gm.meta["lazypass.matches"] = matches
-    gm.meta["lazypass.model_macs"] = sum(macs(n) for n in graph.nodes)
-    gm.meta["lazypass.timestep"] = timestep
-    gm.meta["lazypass.batch"] = batch
     log.info("match_sites: %d sites (%s)", len(matches), ", ".join(m.kind for m in matches))
     if not matches:
         raise NoSitesError(
@@ -141,6 +99,7 @@ def match_sites(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             "block), and found none in this graph. Is this a transformer? If its blocks are behind a "
             "custom op, export it with the blocks traceable."
         )
+    set_graph_info(gm, GraphInfo(matches, sum(macs(n) for n in graph.nodes), timestep, batch))
     return gm
 
 
@@ -473,10 +432,10 @@ def find_timestep(gm: fx.GraphModule, cfg: LazyConfig) -> fx.Node | None:
     return (named or found)[0]
 
 
-def site_records(gm: fx.GraphModule, cfg: LazyConfig, batch: int) -> list[Site]:
-    """Report-ready records of the matches in ``gm.meta``."""
+def site_records(info: GraphInfo, cfg: LazyConfig) -> list[Site]:
+    """Report-ready records of the matches of an analysed graph."""
     out = []
-    for i, m in enumerate(gm.meta["lazypass.matches"]):
+    for i, m in enumerate(info.matches):
         zshapes = [shape(s.z) for s in m.streams]
         yvals = [value(s.y) for s in m.streams]
         dtype = cfg.cache_torch_dtype

@@ -15,7 +15,7 @@ Inputs:  the user's flat inputs, ``lazy_mix`` (0-d f32), then one ``lazy_prev_{i
 per site ``i`` and stream ``j`` (shape and dtype of that branch output).
 Outputs: the user's flat outputs, the raw ``F(Z)`` of every site stream (same order as
 the ``lazy_prev`` inputs), then ``scores`` (sites, B) f32.
-``gm.meta["lazypass.state_specs"]`` lists the extra inputs as ``(name, shape, dtype)``.
+``graph_info(gm).state_specs`` lists the extra inputs.
 """
 
 from __future__ import annotations
@@ -26,25 +26,23 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
-from lazypass.ops import shape, value
-from lazypass.passes.insert_gates import gate_score, graph_inputs
+from lazypass.ops import value
+from lazypass.passes.build import caller, graph_inputs, inserting_after, user_outputs
+from lazypass.passes.info import graph_info
+from lazypass.passes.insert_gates import gate_score
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
 
 def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
-    matches = gm.meta["lazypass.matches"]
-    gates = gm.meta["lazypass.gates"]
+    info = graph_info(gm)
+    matches, gates, batch = info.matches, info.gates, info.batch
     graph = gm.graph
     order = {n: k for k, n in enumerate(graph.nodes)}
-    output = next(n for n in graph.nodes if n.op == "output")
-    user_outputs = list(output.args[0]) if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
-
+    call = caller(graph)
+    output, outputs = user_outputs(graph)
     extra_input, specs = graph_inputs(graph)
-
-    def call(target, *args, **kwargs):
-        return graph.call_function(target, args, kwargs)
 
     mix = extra_input("lazy_mix", (), torch.float32)
     prevs = [
@@ -53,17 +51,16 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     ]
 
     raw, scores = [], []
-    batch = gm.meta.get("lazypass.batch") or shape(matches[0].streams[0].x)[0]
     for i, m in enumerate(matches):
         # every Z comes before every Y (Z dominates the heavy ops, Y post-dominates them)
         last_z = max((s.z for s in m.streams), key=order.__getitem__)
-        with graph.inserting_before(last_z.next):
-            score = gate_score(call, gm, gates, i, m)
+        with inserting_after(graph, last_z):
+            score = gate_score(call, gm, gates, i, m, batch)
             weight = call(aten.mul.Tensor, score, mix)
         scores.append(score)
         for s, prev in zip(m.streams, prevs[i]):
             y = value(s.y)
-            with graph.inserting_before(s.y.next):
+            with inserting_after(graph, s.y):
                 w = call(aten._to_copy.default, weight, dtype=y.dtype)
                 if y.shape[0] != batch:  # frames folded into the batch dim: a sample's rows share its weight
                     w = call(aten.expand.default, call(aten.reshape.default, w, [batch, 1]), [batch, y.shape[0] // batch])
@@ -77,9 +74,9 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     with graph.inserting_before(output):
         stacked = call(aten.stack.default, scores)
-    output.args = (tuple(user_outputs) + tuple(raw) + (stacked,),)
-    gm.meta["lazypass.state_specs"] = specs
-    gm.meta["lazypass.n_user_outputs"] = len(user_outputs)
+    output.args = (tuple(outputs) + tuple(raw) + (stacked,),)
+    info.state_specs = specs
+    info.n_user_outputs = len(outputs)
     graph.lint()
     log.info("soft_blend: %d sites", len(matches))
     return gm

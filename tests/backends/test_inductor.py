@@ -83,7 +83,7 @@ def _same_run(compiled, model, ref, arch, timesteps, seed=0, tol=1e-4):
         got, want = _step(compiled, arch, t, seed + k), _step(ref, arch, t, seed + k)
         assert (got - want).abs().max() <= tol, f"t={t}"
     mine, theirs = lazypass.stats(model), lazypass.stats(ref)
-    assert (mine.skipped == theirs.skipped).all() and (mine.executed == theirs.executed).all()
+    assert (mine.skipped == theirs.skipped).all() and (mine.saved == theirs.saved).all()
     return mine
 
 
@@ -102,7 +102,7 @@ def _scenario(arch, backend, compiles):
         lazypass.reset(m)
         lazypass.set_threshold(m, -0.5)
     st = _same_run(compiled, model, ref, arch, TIMESTEPS, seed=10)
-    assert not st.executed[0].any() and st.executed[1:].all()
+    assert not st.saved[0].any() and st.saved[1:].all()
 
     for m in (model, ref):
         lazypass.set_threshold(m, 1.5)  # never skip, same graph
@@ -113,7 +113,7 @@ def _scenario(arch, backend, compiles):
     lazypass.set_threshold(ref, -0.5)
     with lazypass.trajectory(model), lazypass.trajectory(ref):
         st = _same_run(compiled, model, ref, arch, TIMESTEPS, seed=30)
-        assert st.executed[1:].all() and len(st.executed) == 3
+        assert st.saved[1:].all() and len(st.saved) == 3
     assert compiles() == 1, "a decision, threshold, reset or trajectory change recompiled"
     return model
 
@@ -213,19 +213,31 @@ def _plain_run(compiled, ref, arch, seed=0):
 
 @pytest.mark.parametrize("how", ["gates", "file"])
 def test_plain_model_runs_the_pass(how, recorder, tmp_path):
-    from safetensors.torch import save_file
-
     arch = ARCHS["ref_dit"]
     base, ref = _plain_pair(arch)
     gates = copy.deepcopy(ref.lazy_gates)
-    if how == "file":
+    if how == "file":  # a file also brings its saved threshold
+        lazypass.set_threshold(ref, 0.45)
         gates = tmp_path / "gates.safetensors"
-        save_file({k: v.contiguous() for k, v in ref.lazy_gates.state_dict().items()}, gates)
+        lazypass.save_gates(ref, gates)
     torch._dynamo.reset()
     compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False, options={"gates": gates})
     _plain_run(compiled, ref, arch)
     assert len(recorder.graphs) == 1
     _check_graph(recorder.graphs[0].graph, len(ref.lazy_gates.layout))
+
+
+def test_plain_model_refuses_a_file_that_is_not_a_gates_file(tmp_path):
+    from safetensors.torch import save_file
+
+    arch = ARCHS["ref_dit"]
+    base, ref = _plain_pair(arch)
+    raw = tmp_path / "raw.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.lazy_gates.state_dict().items()}, raw)
+    torch._dynamo.reset()
+    compiled = torch.compile(base, backend="lazydit", options={"gates": raw})
+    with pytest.raises(Exception, match="not a lazypass gates file"):
+        _step(compiled, arch, 900, 0)
 
 
 def test_plain_model_with_zero_gates_is_unchanged(recorder):
@@ -259,3 +271,27 @@ def test_plain_model_real_inductor():
                                  options={"gates": copy.deepcopy(ref.lazy_gates)})
         _plain_run(compiled, ref, arch)
     _check_post_grad(post_grad.graphs, len(ref.lazy_gates.layout))
+
+
+class _CondDiT(torch.nn.Module):
+    """A user model that holds ``torch.cond`` of its own around a DiT."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.dit = dit
+
+    def forward(self, x, t, y):
+        out = self.dit(x, t, y)
+        return torch.cond(out.sum() > 0, lambda o: o * 1.0, lambda o: o * -1.0, (out,))
+
+
+def test_a_user_graph_with_its_own_cond_is_made_lazy(recorder):
+    arch = ARCHS["ref_dit"]
+    model = _CondDiT(arch.build())
+    ref = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="lazydit", fullgraph=True)
+    args, _ = arch.inputs(2, 900, 0)
+    assert torch.allclose(compiled(*args), ref(*args), atol=1e-5)  # zero gates: unchanged
+    # the backend ran the pass on it: one cond per site besides the user's own
+    assert _targets(recorder.graphs[0].graph).count(COND) == len(arch.kinds) + 1

@@ -6,7 +6,7 @@ from torch import nn
 
 import lazypass
 from lazypass.config import LazyConfig
-from lazypass.passes import ANALYSIS, run_passes
+from lazypass.passes import ANALYSIS, graph_info, run_passes
 from tests.archs import ARCHS
 
 
@@ -39,10 +39,10 @@ def test_dynamo_graphs_give_the_same_sites(name):
     torch._dynamo.reset()
     torch.compile(model, backend=grab, fullgraph=True)(*args, **kwargs)
     gm = run_passes(graphs[0], LazyConfig(), ANALYSIS)
-    matches = gm.meta["lazypass.matches"]
-    assert [m.kind for m in matches] == arch.kinds
-    assert all(m.path.split(".")[0] in ("blocks", "transformer_blocks") for m in matches)
-    assert (gm.meta["lazypass.timestep"] is None) == (name == "vit")
+    info = graph_info(gm)
+    assert [m.kind for m in info.matches] == arch.kinds
+    assert all(m.path.split(".")[0] in ("blocks", "transformer_blocks") for m in info.matches)
+    assert (info.timestep is None) == (name == "vit")
 
 
 def test_joint_attention_is_one_site_with_two_streams():

@@ -118,8 +118,8 @@ class Runtime:
         gm, out_spec, info = analyse(self.model, self.forward, self.cfg, args, kwargs)
         timestep_index(gm, info.timestep, args, kwargs, info.batch)  # checks its shape
         info.gates = self._gates(info.layout)
-        sites = site_records(info, self.cfg)
         gm = run_passes(gm, self.cfg, _PASSES[mode])
+        sites = site_records(info)
         return Program(key, gm, eager_twin(gm), out_spec, sites, info.model_macs, info.state_specs,
                        info.n_user_outputs, info.batch, mode)
 
@@ -127,7 +127,7 @@ class Runtime:
         gates = getattr(self.model, "lazy_gates", None)
         if gates is None:
             param = next(self.model.parameters())
-            gates = LazyGates(layout).to(param.device)
+            gates = LazyGates(layout, self.cfg.gate_inputs).to(param.device)
             if self.pending_gates is not None:
                 self.pending_gates(gates)  # refuses a file made for other sites
                 self.pending_gates = None

@@ -279,10 +279,10 @@ def test_wrong_gate_file_before_tracing_refuses_until_right_gates_are_loaded(tmp
 
 
 def test_gate_file_fitted_under_other_options_changes_nothing(tmp_path):
-    other, arch = _gated("diffusers_dit", max_reuse=1)
+    other, arch = _gated("diffusers_dit", max_age=1)
     lazypass.save_gates(other, tmp_path / "capped.safetensors")
     model, _ = _gated("diffusers_dit")
     gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
-    with pytest.raises(ValueError, match="fitted with max_reuse=1.*this model uses max_reuse=None"):
+    with pytest.raises(ValueError, match="fitted with max_age=1.*this model uses max_age=None"):
         lazypass.load_gates(model, tmp_path / "capped.safetensors")
     _unchanged(model, arch, gates, outs)

@@ -44,6 +44,18 @@ def _sample(model, batch: dict, steps: int = T, guidance_scale: float = 1.0):
 # -- the soft program ------------------------------------------------------------------------
 
 
+def _soft_inputs(prog, mix: float, reuse=None, hard: float = 0.0):
+    """The soft program's inputs after the user's: every row may skip, age 0, zero pools."""
+    from lazypass.fitting.soft import _extra_inputs
+
+    scalar = lambda v, device: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+    return _extra_inputs(prog.state_specs, dict(mix=mix, hard=hard, reuse=reuse), 0.5, None, scalar)
+
+
+def _reuse_specs(prog):
+    return [s for s in prog.state_specs if s.name.startswith("lazy_reuse_")]
+
+
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_soft_program_branch_outputs_and_full_mix(name):
     arch = ARCHS[name]
@@ -63,37 +75,40 @@ def test_soft_program_branch_outputs_and_full_mix(name):
         expected = arch.output(ref(*args, **kwargs))
     for h in hooks:
         h.remove()
-    prevs = [torch.randn(s.shape) for s in prog.state_specs[1:]]
+    prevs = [torch.randn(s.shape) for s in _reuse_specs(prog)]
     with torch.no_grad():
-        outs = prog.core(*leaves, torch.tensor(0.0), *prevs)  # mix 0: the full model, exactly
+        outs = prog.core(*leaves, *_soft_inputs(prog, 0.0, prevs))  # mix 0: the full model, exactly
     n = prog.n_user_outputs
     full = arch.output(torch.utils._pytree.tree_unflatten(list(outs[:n]), prog.out_spec))
     assert torch.equal(full, expected) or (full - expected).abs().max() <= 1e-6
-    fz = outs[n:-1]
+    fz = outs[n : n + len(prevs)]
     streams = [o for b in arch.branches for o in ([recorded[b]] if torch.is_tensor(recorded[b]) else recorded[b])]
-    assert len(fz) == len(prog.state_specs) - 1
     if len(fz) == len(streams):  # joint attention returns both streams from one module
         for got, want in zip(fz, streams):
             assert (got - want).abs().max() <= 1e-6
-    assert outs[-1].shape == (len(arch.kinds), 2)
+    assert outs[n + len(prevs)].shape == (len(arch.kinds), 2)
 
 
 def test_soft_blend_is_the_papers_blend():
     model = lazypass.apply(lively_dit())
     x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
     prog, leaves = runtime(model).program_for((x, t, y), {}, mode="soft")
+    k = len(_reuse_specs(prog))
     with torch.no_grad():
-        full = prog.core(*leaves, torch.tensor(0.0), *[torch.zeros(s.shape) for s in prog.state_specs[1:]])
-        fz = list(full[1:-1])
-        same = prog.core(*leaves, torch.tensor(1.0), *fz)  # Y_prev = F(Z): blend changes nothing
+        full = prog.core(*leaves, *_soft_inputs(prog, 0.0))
+        fz = list(full[1 : 1 + k])
+        same = prog.core(*leaves, *_soft_inputs(prog, 1.0, fz))  # Y_prev = F(Z): blend changes nothing
         assert (same[0] - full[0]).abs().max() <= 1e-5
         # gates forced to s ~ 1 with a stale Y_prev: the output is that of the reused branches
         model.lazy_gates.bias.fill_(30.0)
         stale = [torch.randn_like(f) for f in fz]
-        lazy = prog.core(*leaves, torch.tensor(1.0), *stale)
+        lazy = prog.core(*leaves, *_soft_inputs(prog, 1.0, stale))
         assert (lazy[0] - full[0]).abs().max() > 1e-2
-        assert torch.allclose(lazy[-1], torch.ones(4, 2))
-    scores = lazy[-1]
+        assert torch.allclose(lazy[1 + k], torch.ones(4, 2))
+        # hard decisions (straight-through): s ~ 1 > threshold, so exactly the reused branches
+        hard = prog.core(*leaves, *_soft_inputs(prog, 1.0, stale, hard=1.0))
+        assert (hard[0] - lazy[0]).abs().max() <= 1e-5
+    scores = lazy[1 + k]
     assert scores.dtype == torch.float32
 
 

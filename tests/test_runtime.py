@@ -183,10 +183,12 @@ def test_gates_are_registered_parameters_and_caches_are_not_state():
 
 
 @pytest.mark.parametrize("name", ["ref_dit", "sd3"])
-def test_cond_graph_and_eager_twin_agree(name):
+@pytest.mark.parametrize("options", [{}, {"reuse": "forecast", "granularity": 2, "max_age": 2}],
+                         ids=["copy", "forecast"])
+def test_cond_graph_and_eager_twin_agree(name, options):
     """The graph compilers and exporters see (cond HOPs) computes what eager mode runs."""
     arch = ARCHS[name]
-    model = lazypass.apply(arch.build())
+    model = lazypass.apply(arch.build(), **options)
     args, kwargs = arch.inputs(4, 900, 0)
     lazypass.report(model, *args, print_table=False, **kwargs)
     random_gates(model)
@@ -221,9 +223,9 @@ def test_one_tensor_for_two_inputs_at_trace_time_does_not_alias_them():
 
 
 @pytest.mark.parametrize("name", ["ref_dit", "pixart"])
-def test_max_reuse_one_never_reuses_a_cache_twice_in_a_row(name):
+def test_max_age_one_never_reuses_a_cache_twice_in_a_row(name):
     arch = ARCHS[name]
-    model = lazypass.apply(arch.build(), max_reuse=1)
+    model = lazypass.apply(arch.build(), max_age=1)
     ref = lazypass.apply(arch.build())
     lazypass.set_threshold(model, -0.5)  # every branch wants to skip at every step
     lazypass.set_threshold(ref, 1.5)
@@ -238,9 +240,15 @@ def test_max_reuse_one_never_reuses_a_cache_twice_in_a_row(name):
     assert saved[[1, 3]].all() and not saved[[0, 2]].any()
 
 
-def test_max_reuse_other_than_one_is_refused():
-    with pytest.raises(ValueError, match="max_reuse"):
-        lazypass.apply(ARCHS["ref_dit"].build(), max_reuse=3)
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_max_age_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="max_age"):
+        lazypass.apply(ARCHS["ref_dit"].build(), max_age=bad)
+
+
+def test_max_reuse_points_to_max_age():
+    with pytest.raises(TypeError, match="max_reuse was replaced by max_age"):
+        lazypass.apply(ARCHS["ref_dit"].build(), max_reuse=1)
 
 
 def test_report_on_a_model_that_is_not_lazy_is_a_dry_run(capsys):

@@ -69,6 +69,7 @@ class Distill:
         self.cond, self.null = first.get("cond"), first.get("null_cond")
         self.timesteps = schedule.timesteps.to(device)
         self.prev: list[Tensor] | None = None
+        self.prev_pooled: list[Tensor] | None = None
 
     def prepare(self) -> None:
         while self.u < 0:  # warm-up: the rows starting late reach their first step
@@ -79,10 +80,10 @@ class Distill:
             self.soft.full(*guided_inputs(x, t, self.cond, self.null, self.guided))
 
     def step(self) -> StepOutput:
-        x, t, cond, target, prev, mask = self._advance()
+        x, t, cond, target, (prev, pooled), mask = self._advance()
         if prev is None:  # the first step of every row: nothing counts, but the soft program still runs
-            prev = [torch.zeros_like(f) for f in self.prev]
-        out = self.soft.soft(x, t, cond, prev)
+            prev, pooled = [torch.zeros_like(f) for f in self.prev], None
+        out = self.soft.soft(x, t, cond, prev, pools=pooled)
         return StepOutput(out.prediction, target, out.scores, mask)
 
     def _advance(self):
@@ -112,7 +113,8 @@ class Distill:
             if g.started:
                 stepped[g.mask] = g.trajectory.step(guided[g.mask], g.pos, x[g.mask]).to(x.dtype)
         self.x = stepped
-        prev, self.prev = self.prev, full.branch_outputs
+        prev = (self.prev, self.prev_pooled)
+        self.prev, self.prev_pooled = full.branch_outputs, full.pooled
         self.u += 1
         mask = torch.cat([counts, counts]) if self.guided else counts
         return xi, ti, ci, full.prediction, prev, mask
@@ -143,8 +145,8 @@ class Diffusion:
     def step(self) -> StepOutput:
         x0, noise, t, t_prev, cond = self._inputs(self.k)
         self.k += 1
-        prev = self.soft.full(self._noised(x0, noise, t_prev), t_prev, cond).branch_outputs
-        out = self.soft.soft(self._noised(x0, noise, t), t, cond, prev)
+        prev = self.soft.full(self._noised(x0, noise, t_prev), t_prev, cond)
+        out = self.soft.soft(self._noised(x0, noise, t), t, cond, prev.branch_outputs, pools=prev.pooled)
         target = self.schedule.target(x0, noise, t)
         return StepOutput(out.prediction, target, out.scores, torch.ones(self.B, dtype=torch.bool, device=x0.device))
 

@@ -65,36 +65,43 @@ def output_channels(pred: Tensor, x: Tensor) -> Tensor:
 
 
 class Full(NamedTuple):
-    """A full-compute call: the prediction (input's channels) and every site stream's ``F(Z)``."""
+    """A full-compute call: the prediction (input's channels), every site stream's ``F(Z)``
+    and the token means of ``Z`` the gates' drift compares with (deciding sites only)."""
 
     prediction: Tensor
     branch_outputs: list[Tensor]
+    pooled: list[Tensor]
 
 
 class Soft(NamedTuple):
-    """A soft call: the prediction (input's channels) and the gate scores (sites, rows)."""
+    """A soft call: the prediction (input's channels), the gate scores (sites, rows), and
+    what a full call also returns (with grad where the soft blend has it)."""
 
     prediction: Tensor
     scores: Tensor
+    branch_outputs: list[Tensor]
+    pooled: list[Tensor]
 
 
 class SoftModel:
-    """Calls a lazy model's soft program through the user's ``call``.
+    """Calls a lazy model's soft program (``passes/soft_blend.py``) through the user's ``call``.
 
-    ``full(x, t, cond)`` runs ``mix = 0`` (the full model exactly) without grad and returns
-    the branch outputs to reuse next step; ``soft(x, t, cond, prevs)`` runs the paper's
-    blend ``(1 - s) * F(Z) + s * Y_prev`` with grad to the gates. ``forward`` is the
-    function fit installs as ``model.forward``.
+    ``full(x, t, cond)`` runs ``mix = 0`` (the full model exactly) without grad;
+    ``soft(x, t, cond, reuse, ...)`` runs the blend ``(1 - w) * F(Z) + w * reuse`` with grad
+    to the gates: ``w`` the gate score (``hard=False``, the paper's soft blend) or the hard
+    decision with a straight-through gradient (``hard=True``), only for rows in ``may``.
+    ``age`` (sites, rows) and ``pools`` (the ``pooled`` of the call that filled each cache)
+    feed the gate inputs of the same names. ``forward`` is what fit installs as
+    ``model.forward``.
     """
 
     def __init__(self, model: nn.Module, call: CallFn):
         self.model, self.call = model, call
         self.rt = runtime(model)
         self.program = None  # the last soft program called (sites, kinds)
-        self._mix = 1.0
-        self._prevs: list[Tensor] | None = None
-        self._outputs: tuple[list[Tensor], Tensor | None] = ([], None)
-        self._mix_tensors: dict = {}
+        self._inputs: dict | None = None
+        self._outputs: tuple | None = None
+        self._scalars: dict = {}
 
     @property
     def kinds(self) -> list[str]:
@@ -104,43 +111,60 @@ class SoftModel:
 
     def full(self, x: Tensor, t: Tensor, cond: Any) -> Full:
         with torch.no_grad():
-            pred = self._run(0.0, None, x, t, cond)
-        fz, _ = self._outputs
-        self._outputs = ([], None)
-        return Full(pred, [f.detach() for f in fz])
+            pred, (fz, _, pooled) = self._run(dict(mix=0.0), x, t, cond)
+        return Full(pred, [f.detach() for f in fz], [p.detach() for p in pooled])
 
-    def soft(self, x: Tensor, t: Tensor, cond: Any, prevs: list[Tensor]) -> Soft:
-        pred = self._run(1.0, prevs, x, t, cond)
-        _, scores = self._outputs
-        self._outputs = ([], None)
-        return Soft(pred, scores)
+    def soft(self, x: Tensor, t: Tensor, cond: Any, reuse: list[Tensor], *, may: Tensor | None = None,
+             age: Tensor | None = None, pools: list[Tensor] | None = None, hard: bool = False) -> Soft:
+        inputs = dict(mix=1.0, hard=1.0 if hard else 0.0, reuse=reuse, may=may, age=age, pools=pools)
+        pred, (fz, scores, pooled) = self._run(inputs, x, t, cond)
+        return Soft(pred, scores, fz, pooled)
 
-    def _run(self, mix: float, prevs, x, t, cond) -> Tensor:
-        self._mix, self._prevs = mix, prevs
+    def _run(self, inputs: dict, x, t, cond):
+        self._inputs, self._outputs = inputs, None
         try:
-            return output_channels(prediction(self.call(self.model, x, t, cond)), x)
+            pred = output_channels(prediction(self.call(self.model, x, t, cond)), x)
+            return pred, self._outputs
         finally:
-            self._mix, self._prevs = 1.0, None
+            self._inputs, self._outputs = None, None
 
     def forward(self, *args, **kwargs):
         """Soft (training) forward installed by lazypass.fit."""
         prog, leaves = self.rt.program_for(args, kwargs, mode="soft")
         device = next((v.device for v in leaves if isinstance(v, Tensor)), None)
-        specs = prog.state_specs[1:]
-        prevs = self._prevs
-        if prevs is None:
-            prevs = [torch.zeros(s.shape, dtype=s.dtype, device=device) for s in specs]
-        if len(prevs) != len(specs):
-            raise RuntimeError("internal: previous branch outputs do not match the soft program")
-        outs = prog.core(*leaves, self._mix_tensor(device), *prevs)
-        n, k = prog.n_user_outputs, len(specs)
-        self._outputs = (list(outs[n : n + k]), outs[n + k])
+        extra = _extra_inputs(prog.state_specs, self._inputs or dict(mix=1.0), self.rt.threshold, device,
+                              self._scalar)
+        outs = prog.core(*leaves, *extra)
+        n = prog.n_user_outputs
+        k = sum(spec.name.startswith("lazy_reuse_") for spec in prog.state_specs)
+        self._outputs = (list(outs[n : n + k]), outs[n + k], list(outs[n + k + 1 :]))
         self.program = prog
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
 
-    def _mix_tensor(self, device) -> Tensor:
-        key = (str(device), self._mix)
-        if key not in self._mix_tensors:
-            self._mix_tensors[key] = torch.tensor(self._mix, dtype=torch.float32, device=device)
-        return self._mix_tensors[key]
+    def _scalar(self, value: float, device) -> Tensor:
+        key = (str(device), value)
+        if key not in self._scalars:
+            self._scalars[key] = torch.tensor(value, dtype=torch.float32, device=device)
+        return self._scalars[key]
 
+
+def _extra_inputs(specs, given: dict, threshold: float, device, scalar) -> list[Tensor]:
+    """The soft program's inputs after the user's, from what the caller gave (defaults: the
+    full model's view: every row may skip, age 0, no pools, zero reuse values)."""
+    reuse, pools = iter(given.get("reuse") or ()), iter(given.get("pools") or ())
+    may, age = given.get("may"), given.get("age")
+    out = []
+    for spec in specs:
+        kind, _, rest = spec.name[len("lazy_"):].partition("_")
+        if kind in ("mix", "hard"):
+            out.append(scalar(given.get(kind, 0.0), device))
+        elif kind == "threshold":
+            out.append(scalar(threshold, device))
+        elif kind == "may":
+            out.append(may[int(rest)] if may is not None else torch.ones(spec.shape, dtype=torch.bool, device=device))
+        elif kind == "age":
+            out.append(age[int(rest)] if age is not None else torch.zeros(spec.shape, device=device))
+        else:  # pool, reuse: one tensor per spec, in order
+            value = next(pools if kind == "pool" else reuse, None)
+            out.append(value if value is not None else torch.zeros(spec.shape, dtype=spec.dtype, device=device))
+    return out

@@ -19,6 +19,15 @@ from digits_eval import (  # noqa: E402
 )  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches of 8 at 8x8: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def flow():
     return load_flow_dit()
@@ -87,7 +96,6 @@ def test_training_is_seeded():
 
     tiny = dict(json.loads(FLOW_CONFIG_PATH.read_text()), num_layers=1)
     tiny = {k: v for k, v in tiny.items() if not k.startswith("_")}
-    torch.set_num_threads(1)
     runs = [train_digits.train_flow(3, 8, 1e-3, seed=5, ema_decay=0.9, config=tiny) for _ in range(2)]
     (m1, l1, meta), (m2, l2, _) = runs
     for a, b in ((m1, m2), (l1, l2)):

@@ -16,6 +16,17 @@ from torch import nn
 from lazypass.models import tiny_dit
 
 
+# The project's batch tolerance: a sample's result must not depend on the rest of its batch, but
+# CPU kernels round differently for different batch sizes (and thread counts), and sampling
+# magnifies model outputs (x0 = x_t / sqrt(abar)); so relative as well as absolute.
+BATCH_TOL = 1e-5
+
+
+def assert_batch_close(actual, expected, tol: float = BATCH_TOL) -> None:
+    """Results of a batch and of its parts (one at a time, split CFG, shards) agree to ``tol``."""
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
 def random_gates(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
     """Seeded random gate values, so that decisions differ between samples and steps."""
     g = torch.Generator().manual_seed(seed)

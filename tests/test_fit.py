@@ -10,7 +10,7 @@ import torch
 
 import lazypass
 from lazypass.runtime import runtime
-from tests.archs import ARCHS, random_gates
+from tests.archs import ARCHS, assert_batch_close, random_gates
 from tests.fitting import class_batches, lively_dit
 
 T = 10  # sampling steps of the fits below
@@ -358,10 +358,9 @@ def test_two_processes_match_one(tmp_path):
     model = lazypass.apply(lively_dit())
     lazypass.fit(model, class_batches(batch), steps=steps, lr=1e-3, rho=1e-6, num_inference_steps=5, progress=False)
     single = {k: v.detach() for k, v in model.lazy_gates.state_dict().items()}
-    scale = max(v.abs().max() for v in single.values())
-    assert scale > 1e-3  # the gates moved
-    for k in single:
-        assert (single[k] - ranks[0][k]).abs().max() <= 1e-5 * max(1.0, float(scale)), k
+    assert max(v.abs().max() for v in single.values()) > 1e-3  # the gates moved
+    for k in single:  # two ranks with half the batch each = one process with the whole batch
+        assert_batch_close(ranks[0][k], single[k])
 
 
 def test_a_0d_null_class_id_fits_like_one_per_row():

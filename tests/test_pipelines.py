@@ -11,7 +11,7 @@ import torch
 
 import lazypass
 from tests.pipelines import dit_pipeline, dit_split_cfg, encode, pixart_pipeline, pixart_split_cfg
-from tests.archs import random_gates
+from tests.archs import assert_batch_close, random_gates
 
 STEPS = 4
 LABELS, SEEDS = [1, 207, 360], [0, 1, 2]
@@ -61,7 +61,7 @@ def test_dit_cfg_batch_equals_one_label_at_a_time(dit):
     for i, (label, seed) in enumerate(zip(LABELS, SEEDS)):
         lazypass.reset(pipe.transformer)
         single = _dit(pipe, [label], [seed])
-        assert np.abs(single[0] - batched[i]).max() <= 1e-5
+        assert_batch_close(single[0], batched[i])
     # run 1 then run 2 with no reset between: the timestep rising again starts a new run
     again = [_dit(pipe, LABELS, SEEDS) for _ in range(2)]
     assert (again[0] == batched).all() and (again[1] == batched).all()
@@ -86,7 +86,7 @@ def test_dit_split_cfg_equals_batched_cfg(scheduler):
     st = lazypass.stats(pipe.transformer)
     assert st.skipped.shape[0] == 2 * batched_rows  # two calls per step
     assert st.skipped[1:].any()  # the second call at a timestep reused its own cache
-    assert np.abs(split - batched).max() <= 1e-5
+    assert_batch_close(split, batched)
 
 
 # -- PixArt-alpha ---------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_pixart_cfg_batch_equals_one_prompt_at_a_time(pixart):
     for i in range(3):
         lazypass.reset(pipe.transformer)
         single = _pixart(pipe, inputs, slice(i, i + 1))
-        assert np.abs(single[0] - batched[i]).max() <= 1e-5
+        assert_batch_close(single[0], batched[i])
 
 
 def test_pixart_split_cfg_equals_batched_cfg(pixart):
@@ -133,7 +133,7 @@ def test_pixart_split_cfg_equals_batched_cfg(pixart):
     lazypass.reset(pipe.transformer)
     split = _to_np(pixart_split_cfg(pipe, *inputs[:4], inputs[4], STEPS, 4.5))
     assert lazypass.stats(pipe.transformer).skipped.any()
-    assert np.abs(split - batched).max() <= 1e-5
+    assert_batch_close(split, batched)
 
 
 # -- fitted gates, saved and loaded -------------------------------------------------------
@@ -161,4 +161,4 @@ def test_dit_pipeline_with_fitted_gates_from_a_file(tmp_path):
     assert (batched == _dit(pipe, LABELS, SEEDS)).all()
     for i, (label, seed) in enumerate(zip(LABELS, SEEDS)):
         single = _dit(fresh, [label], [seed])
-        assert np.abs(single[0] - batched[i]).max() <= 1e-5
+        assert_batch_close(single[0], batched[i])

@@ -95,6 +95,12 @@ def test_rising_timestep_starts_a_new_run_without_reset():
     second = [_step(model, k, seed=0) for k in range(len(TIMESTEPS))]  # no reset in between
     for x, y in zip(first, second):
         assert torch.equal(x, y)
+    st = lazypass.stats(model)
+    n = len(TIMESTEPS)
+    assert st.skipped.shape[0] == 2 * n
+    assert st.skipped[n - 1].any()  # the last call before the rise reused caches: they were valid
+    # at the rise the gates wanted to skip, but the caches of the old run were dropped
+    assert (st.scores[n] > runtime(model).threshold).any() and not st.skipped[n].any()
 
 
 def _fail_at_last_site(model):

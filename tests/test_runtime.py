@@ -1,14 +1,17 @@
 """Behaviour of a lazy model over short trajectories, on five tiny architectures."""
 
+import collections
 import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lazypass
 from tests.archs import ARCHS, assert_batch_close, random_gates
 
 TIMESTEPS = (900, 600, 300)
+aten = torch.ops.aten
 
 
 @pytest.fixture(params=sorted(ARCHS))
@@ -135,15 +138,71 @@ def test_reset_invalidates_caches(arch):
     assert (out - _run(ref, arch, 2, TIMESTEPS[1])).abs().max() <= 1e-5
 
 
-def test_graph_has_one_cond_per_site_and_no_host_sync(arch):
+# ops that read a tensor's value on the host (a device sync on a GPU)
+HOST_READS = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default}
+
+
+def _graphs(gm):
+    """A graph module's graph and those of its branch subgraphs, recursively."""
+    yield gm.graph
+    for child in gm.children():
+        if isinstance(child, torch.fx.GraphModule):
+            yield from _graphs(child)
+
+
+def test_graph_has_one_cond_per_site_and_no_host_read(arch):
     model, _ = _lazy(arch)
     args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
     sites = lazypass.report(model, *args, print_table=False, **kwargs)
-    core = next(iter(lazypass.runtime.runtime(model).programs.values())).core
-    targets = [n.target for n in core.graph.nodes if n.op == "call_function"]
-    assert targets.count(torch.ops.higher_order.cond) == len(sites)
-    assert torch.ops.aten._local_scalar_dense.default not in targets
-    assert torch.ops.aten.item.default not in targets
+    core = lazypass.runtime.traced_program(model).core
+    targets = [[n.target for n in g.nodes if n.op == "call_function"] for g in _graphs(core)]
+    # cond(all skip, reuse, cond(any skip, mixed, compute)): one per site outside, one inside
+    assert targets[0].count(torch.ops.higher_order.cond) == len(sites)
+    assert sum(t.count(torch.ops.higher_order.cond) for t in targets) == 2 * len(sites)
+    assert not any(HOST_READS & set(t) for t in targets)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that read a tensor's value on the host, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_READS:
+            self.reads[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["ref_dit", "sd3", "vit"])
+def test_eager_program_reads_one_predicate_per_conditional_and_nothing_else(name, monkeypatch):
+    """Eager calls run the twin (``Program.eager``), whose conds read their predicate on the host.
+
+    That is the only host read of an eager call: one per conditional executed, so one per
+    site when the whole batch reuses (the outer conditional), two when it does not (the
+    inner one decides between mixed and compute).
+    """
+    arch = ARCHS[name]
+    model = lazypass.apply(arch.build())
+    args, kwargs = arch.inputs(4, TIMESTEPS[0], 0)
+    lazypass.trace(model, *args, **kwargs)
+    random_gates(model)
+    python_reads = collections.Counter()
+    for method in ("tolist", "numpy", "__array__"):
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method, lambda self, *a, _m=method, _f=original, **k: (
+            python_reads.update([_m]), _f(self, *a, **k))[1])
+    counter = _HostReads()
+    with counter, torch.no_grad():
+        for t in TIMESTEPS:
+            args, kwargs = arch.inputs(4, t, 0)
+            model(*args, **kwargs)
+    monkeypatch.undo()
+    saved = lazypass.stats(model).saved
+    assert saved.any() and not saved.all(), "random gates gave no mix of reused and computed sites"
+    assert counter.reads == {"aten._local_scalar_dense.default": int((2 - saved).sum())}
+    assert not python_reads
 
 
 def test_apply_keeps_the_model_object():

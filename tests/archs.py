@@ -201,3 +201,10 @@ ARCHS = {
         [f"blocks.{i}.{m}" for i in range(2) for m in ("attn", "mlp")], ["attn", "ffn"] * 2,
     ),
 }
+
+# The smallest lazy DiT (one block, two sites), for tests that run the real Inductor by default:
+# Inductor's code generation, not the model, takes the time there.
+ONE_BLOCK_DIT = Arch(
+    "one_block_dit", lambda: nonzero(tiny_dit(seed=0, depth=1), 0), _ref_dit_inputs,
+    ["blocks.0.attn", "blocks.0.mlp"], ["attn", "ffn"],
+)

@@ -24,7 +24,7 @@ from torch._inductor.graph import GraphLowering
 
 import lazypass
 from lazypass.backends.inductor import lazydit_backend
-from tests.archs import ARCHS, random_gates
+from tests.archs import ARCHS, ONE_BLOCK_DIT, random_gates
 
 TIMESTEPS = (900, 600, 300)
 HOST_SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
@@ -321,17 +321,27 @@ def test_plain_model_gates_of_other_sites_are_an_error(recorder):
         _step(compiled, arch, 900, 0)
 
 
-@pytest.mark.slow
-def test_plain_model_real_inductor():
-    arch = ARCHS["ref_dit"]
+def _plain_real_inductor(arch):
     base, ref = _plain_pair(arch)
     post_grad = PostGrad()
     torch._dynamo.reset()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False):
+    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False), \
+            OutputCode() as code:
         compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False,
                                  options={"gates": copy.deepcopy(ref.lazy_gates)})
         _plain_run(compiled, ref, arch)
-    _check_post_grad(post_grad.graphs, len(ref.lazy_gates.layout))
+    n_sites = len(ref.lazy_gates.layout)
+    _check_post_grad(post_grad.graphs, n_sites)
+    _check_output_code(code.codes, n_sites)
+
+
+def test_plain_model_real_inductor_one_block():
+    _plain_real_inductor(ONE_BLOCK_DIT)
+
+
+@pytest.mark.slow
+def test_plain_model_real_inductor():
+    _plain_real_inductor(ARCHS["ref_dit"])
 
 
 class _CondDiT(torch.nn.Module):

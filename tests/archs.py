@@ -35,13 +35,14 @@ def random_gates(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def nonzero(model: nn.Module, seed: int) -> nn.Module:
-    """Zero-initialised layers (adaLN-Zero) would make every branch a no-op; give them weights."""
+def nonzero(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Zero-initialised layers (adaLN-Zero) would make every branch a no-op: give every all-zero
+    parameter small seeded random values. Returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
 
 
@@ -64,15 +65,16 @@ def _ref_dit_inputs(b, t, seed):
     return (torch.randn(b, 4, 8, 8, generator=g), torch.full((b,), t), torch.randint(0, 10, (b,), generator=g)), {}
 
 
-def _diffusers_dit():
+def diffusers_dit(seed: int = 0, classes: int = 10):
+    """A 2-block DiTTransformer2DModel on 8x8x4 latents (also the transformer of tests/pipelines.py)."""
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=classes, norm_num_groups=1,
     )
-    return nonzero(m, 0)
+    return nonzero(m, seed)
 
 
 def _diffusers_dit_inputs(b, t, seed):
@@ -83,16 +85,17 @@ def _diffusers_dit_inputs(b, t, seed):
     )
 
 
-def _pixart():
+def pixart(seed: int = 0):
+    """A 2-block PixArtTransformer2DModel on 8x8x4 latents, 24-d captions (also in tests/pipelines.py)."""
     from diffusers import PixArtTransformer2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=24,
         use_additional_conditions=False,
     )
-    return nonzero(m, 0)
+    return nonzero(m, seed)
 
 
 def _pixart_inputs(b, t, seed):
@@ -182,11 +185,11 @@ ARCHS = {
         ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"], ["attn", "ffn"] * 2,
     ),
     "diffusers_dit": Arch(
-        "diffusers_dit", _diffusers_dit, _diffusers_dit_inputs,
+        "diffusers_dit", diffusers_dit, _diffusers_dit_inputs,
         [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")], ["attn", "ffn"] * 2,
     ),
     "pixart": Arch(
-        "pixart", _pixart, _pixart_inputs,
+        "pixart", pixart, _pixart_inputs,
         [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")],
         ["attn", "attn", "ffn"] * 2,
     ),

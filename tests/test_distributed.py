@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lazypass
-from tests.archs import assert_batch_close
+from tests.archs import assert_batch_close, random_gates
 
 TOKENS, DIM, BATCH = 8, 16, 3
 TIMESTEPS = (900, 700, 500, 300)
@@ -82,10 +82,7 @@ def _inputs(step: int) -> torch.Tensor:
 
 
 def _set_gates(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    random_gates(model, seed=5, std=0.3)
 
 
 def _trajectory(model, shard: slice):

@@ -7,24 +7,17 @@ import torch
 
 import lazypass
 from lazypass.runtime import runtime
-from tests.archs import ARCHS
+from tests.archs import ARCHS, random_gates
 
 ARCH = ARCHS["ref_dit"]
 TIMESTEPS = (900, 700, 500, 300)
-
-
-def _random_gates(model, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _lazy(seed=1, **options):
     model = lazypass.apply(ARCH.build(), **options)
     args, _ = ARCH.inputs(2, TIMESTEPS[0], 0)
     lazypass.report(model, *args, print_table=False)
-    _random_gates(model, seed)
+    random_gates(model, seed)
     return model
 
 

@@ -19,15 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-
-def nonzero(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
-    """Give every all-zero parameter small random values (adaLN-Zero would make branches no-ops)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
+from tests.archs import nonzero
 
 
 @dataclass

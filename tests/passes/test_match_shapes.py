@@ -14,7 +14,7 @@ from torch import nn
 
 import lazypass
 from lazypass.runtime import runtime
-from tests.archs import assert_batch_close
+from tests.archs import assert_batch_close, random_gates
 
 
 def _temb(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -194,10 +194,7 @@ def test_folded_batch_gates_per_sample():
     """Rows (B * frames) share their sample's decision: batch results equal batch-of-one results."""
     model = lazypass.apply(_build("folded"))
     _sites(model, "folded")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    random_gates(model, seed=3, std=0.5)
     outs = []
     with lazypass.trajectory(model), torch.no_grad():
         for k, t in enumerate((900, 600, 300)):

@@ -32,7 +32,8 @@ class LazyConfig:
         min_site_macs: branches with fewer multiply-accumulates per call are left alone.
         max_reuse: ``1``: a branch output may be reused for one step at most, then the branch
             must compute again (a cache is never reused twice in a row). ``None``: no limit
-            (the paper's rule). Chained reuse is where learned gates lose quality (see README).
+            (the paper's rule). Chained reuse is where learned gates lose quality (see
+            docs/digits.md).
         sync_decisions: make every rank of a ``torch.distributed`` group take the same
             skip decision, so no rank waits forever in a collective inside a branch that
             another rank skipped. ``"sharded"`` (or ``True``): ranks hold different token

@@ -15,11 +15,15 @@ is downloaded) and checked through the public API:
   for a few models: Inductor needs minutes per model here; ``--compile all``);
 * onnx: ONNX export (not in lazypass yet).
 
+``--markdown PATH`` writes the tables, with the command, versions, threads and the machine's
+load average, between the two markers ``BEGIN`` / ``END`` of an existing page (the prose
+around them stays, as in ``docs/coverage.md``), or a new page with only the tables.
+
 Run::
 
     PYTHONPATH=$PWD python benchmarks/coverage.py                 # all models
     PYTHONPATH=$PWD python benchmarks/coverage.py --models flux,sana
-    PYTHONPATH=$PWD python benchmarks/coverage.py --markdown coverage.md
+    PYTHONPATH=$PWD python benchmarks/coverage.py --markdown docs/coverage.md   # the committed page
     PYTHONPATH=$PWD python benchmarks/coverage.py --compile all     # slow
 """
 
@@ -28,6 +32,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import platform
+import shlex
 import sys
 import time
 import warnings
@@ -39,10 +45,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lazypass  # noqa: E402
 from lazypass.ops import macs, op_kind  # noqa: E402
 from lazypass.runtime import runtime  # noqa: E402
-from tests.zoo import SKIPPED, ZOO  # noqa: E402
+from tests.zoo import SKIPPED, ZOO, diffusers_transformers  # noqa: E402
 
 STEPS = (900, 600)
 COMPILE_DEFAULT = ("dit", "flux", "sana")
+BEGIN = "<!-- benchmarks/coverage.py --markdown writes from here -->"
+END = "<!-- to here -->"
 HEADERS = ["model", "class", "traced", "sites", "attn ops", "MACs", "parity", "reuse", "compile", "onnx", "note"]
 
 
@@ -159,18 +167,35 @@ def _compile(z) -> str:
 
 def _not_covered() -> list[list[str]]:
     """Every transformer class diffusers exports that the zoo does not build, with the reason."""
-    import inspect
-
-    import diffusers.models.transformers as transformers
-    from torch import nn
-
     built = {z.cls for z in ZOO.values()}
-    rows = []
-    for name in sorted(dir(transformers)):
-        obj = getattr(transformers, name)
-        if inspect.isclass(obj) and issubclass(obj, nn.Module) and name not in built:
-            rows.append([name, SKIPPED.get(name, "DiT-family; no tiny builder yet")])
-    return rows
+    return [
+        [name, SKIPPED.get(name, "NOT LISTED: add it to SKIPPED in tests/zoo.py, with the reason")]
+        for name in sorted(diffusers_transformers() - built)
+    ]
+
+
+def _conditions(argv, threads: int, loads: tuple[float, float]) -> str:
+    import diffusers
+
+    cmd = "PYTHONPATH=$PWD python benchmarks/coverage.py " + shlex.join(argv)
+    return (
+        f"Written by `{cmd.strip()}` with torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"{threads} torch thread(s), on {platform.machine()} with {os.cpu_count()} cores (load average "
+        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end)"
+    )
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Put ``text`` between ``BEGIN`` and ``END`` of the page at ``path``, or write a new page."""
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    old = open(path).read() if os.path.exists(path) else ""
+    if BEGIN in old and END in old.split(BEGIN, 1)[1]:
+        head, rest = old.split(BEGIN, 1)
+        page = head + block + rest.split(END, 1)[1]
+    else:
+        page = "# Coverage: the DiT-family transformers of diffusers\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(page)
 
 
 def main(argv=None) -> list[dict]:
@@ -181,6 +206,7 @@ def main(argv=None) -> list[dict]:
                    help="models to check under torch.compile (Inductor takes minutes per model on a small "
                         "CPU): comma-separated names, 'all' or 'none' (default: %(default)s)")
     p.add_argument("--sites", action="store_true", help="print each model's site table too")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     names = a.models.split(",") if a.models else list(ZOO)
     unknown = [n for n in names if n not in ZOO]
@@ -188,7 +214,7 @@ def main(argv=None) -> list[dict]:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(ZOO)}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    rows, start = [], time.time()
+    rows, start, load_start = [], time.time(), os.getloadavg()[0]
     for name in names:
         t0 = time.time()
         try:
@@ -212,18 +238,20 @@ def main(argv=None) -> list[dict]:
     if not a.models:
         print()
         print(tabulate(missing, headers=["not covered", "why"]))
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(tabulate(table, headers=HEADERS, tablefmt="github") + "\n")
-            if not a.models:
-                f.write("\n" + tabulate(missing, headers=["not covered", "why"], tablefmt="github") + "\n")
     traced = [r for r in rows if r["traced"] == "yes"]
     parity_ok = [r for r in traced if r.get("_parity", 1.0) <= 1e-4]
     reuse_ok = [r for r in traced if str(r["reuse"]).startswith("yes")]
-    print(
+    summary = (
         f"coverage: models={len(rows)} traced={len(traced)} parity_ok={len(parity_ok)} "
         f"reuse_ok={len(reuse_ok)} not_built={len(missing)} seconds={time.time() - start:.0f}"
     )
+    if a.markdown:
+        text = _conditions(argv, torch.get_num_threads(), (load_start, os.getloadavg()[0]))
+        text += f"; it ended with `{summary}`:\n\n" + tabulate(table, headers=HEADERS, tablefmt="github") + "\n"
+        if not a.models:
+            text += "\n" + tabulate(missing, headers=["not covered", "why"], tablefmt="github") + "\n"
+        write_markdown(a.markdown, text)
+    print(summary)
     return rows
 
 

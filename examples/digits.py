@@ -17,7 +17,8 @@ counted per sample, as the paper does), latency per image at batch 1 (median, wh
 sample really skips), PSNR against the full-compute run with the same number of steps as the
 lazy run (same noise), Frechet distance (FD) to the 1,797 real digits in the classifier's
 feature space, and the classifier's accuracy on the requested labels. "gap closed" is
-``(FD_DDIM - FD_method) / (FD_DDIM - FD_full)`` (DESIGN.md, Evaluation).
+``(FD_DDIM - FD_method) / (FD_DDIM - FD_full)``: the share of the FD that the fewer-step DDIM run
+at about the same compute loses and the method wins back (docs/digits.md).
 
 Writes ``grid.png`` (a row per method, CFG 1), ``heatmap.png`` (which site skipped at which
 step, the share of samples) and ``table.md`` under ``--out``.

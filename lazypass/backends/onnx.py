@@ -261,7 +261,7 @@ def _names(spec, root: str) -> tuple[list[str], dict]:
         if s.is_leaf():
             names.append(name)
             return {"kind": "leaf"}
-        kids = s.children_specs
+        kids = s.children() if hasattr(s, "children") else s.children_specs
         t, ctx = s.type, s.context
         if t in (tuple, list):
             keys = list(range(len(kids)))
@@ -349,9 +349,11 @@ def _json_number(v: float):
 def _translations() -> dict:
     """Ops written differently from the exporter's defaults, so that every runtime takes them.
 
-    MNN's converter has no ``IsInf`` / ``IsNaN`` (the cache's finite-row check uses
-    ``isfinite``): ``isfinite(x) = |x| < inf``, ``isnan(x) = x != x``,
-    ``isinf(x) = |x| == inf``.
+    - MNN's converter has no ``IsInf`` / ``IsNaN`` (the cache's finite-row check uses
+      ``isfinite``): ``isfinite(x) = |x| < inf``, ``isnan(x) = x != x``,
+      ``isinf(x) = |x| == inf``.
+    - ``squeeze(x, d)`` of a dim whose size is not 1 is the identity in torch, and an error
+      in ONNX's ``Squeeze`` (PixArt squeezes its output this way): emitted as ``Identity``.
     """
     from onnxscript import opset18 as op
 
@@ -367,8 +369,26 @@ def _translations() -> dict:
     def isnan(x):
         return op.Not(op.Equal(x, x))
 
+    def squeezable(x, dims):
+        shape = list(x.shape) if x.shape is not None else None
+        if shape is None:
+            return dims
+        return [d for d in dims if not (isinstance(shape[d % len(shape)], int) and shape[d % len(shape)] != 1)]
+
+    def squeeze_dims(x, dims):
+        if x.shape is not None and len(x.shape) == 0:
+            return op.Identity(x)
+        dims = squeezable(x, list(dims))
+        if not dims:
+            return op.Identity(x)
+        return op.Squeeze(x, op.Constant(value_ints=dims))
+
+    def squeeze_dim(x, dim: int):
+        return squeeze_dims(x, [dim])
+
     aten = torch.ops.aten
-    return {aten.isfinite.default: isfinite, aten.isinf.default: isinf, aten.isnan.default: isnan}
+    return {aten.isfinite.default: isfinite, aten.isinf.default: isinf, aten.isnan.default: isnan,
+            aten.squeeze.dim: squeeze_dim, aten.squeeze.dims: squeeze_dims}
 
 
 def _to_onnx(wrapper, io, trace, opset):
@@ -565,12 +585,23 @@ def _prune(model, keep_inputs: set[str], keep_outputs: set[str]):
     outs = [o for o in model.graph.output if o.name in keep_outputs]
     del model.graph.output[:]
     model.graph.output.extend(outs)
+    model = onnxscript.optimizer.optimize(model)  # drops what fed only the removed outputs
+    read = {x for n in model.graph.node for x in n.input} | set(_outer_reads_all(model.graph))
+    stale = [i.name for i in model.graph.input if i.name not in keep_inputs and i.name in read]
+    if stale:
+        raise RuntimeError(f"internal: static graph still reads dropped state {stale}")
     ins = [i for i in model.graph.input if i.name in keep_inputs]
     del model.graph.input[:]
     model.graph.input.extend(ins)
-    model = onnxscript.optimizer.optimize(model)
     onnx.checker.check_model(model)
     return model
+
+
+def _outer_reads_all(graph) -> list[str]:
+    names = []
+    for n in graph.node:
+        names += _outer_reads(n)
+    return names
 
 
 def _static(proto, io, sched, path):
@@ -649,10 +680,12 @@ def _share_weights(graphs, location) -> bytes:
                 chunks.append(raw)
                 offset += len(raw)
             start, length = blobs[key]
-            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "raw_data"):
+            for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
                 t.ClearField(field)
+            t.raw_data = raw
             ext.set_external_data(t, location=location, offset=start, length=length)
             t.data_location = onnx.TensorProto.EXTERNAL
+            t.ClearField("raw_data")
     return b"".join(chunks)
 
 

@@ -357,7 +357,8 @@ class _Mnn:
         meta = _meta({p.key: p.value for p in proto.metadata_props}, path)
         self.meta = meta
         files = _files(path, meta)
-        import MNN  # noqa: F401  (prints the CPU features it found)
+        if "MNN" not in sys.modules:  # its import prints the CPU features it found
+            _quiet(lambda: __import__("MNN"))
         import MNN.expr as F
         import MNN.nn as nn
 
@@ -437,15 +438,32 @@ def _convert(path: str, cache_dir: str | None) -> str:
     tmp = out + ".tmp"
     args = ["mnnconvert", "-f", "ONNX", "--modelFile", path, "--MNNModel", tmp, "--bizCode", "lazypass",
             "--keepInputFormat"]
-    _quiet(lambda: _tools.mnnconvert(args))
+    log = _quiet(lambda: _tools.mnnconvert(args))
     if not os.path.isfile(tmp):
-        raise RuntimeError(f"MNN {MNN.version()} could not convert {path!r} (its converter printed why above)")
+        raise RuntimeError(f"MNN {MNN.version()} could not convert {path!r}; its converter said:\n{log[-3000:]}")
     os.replace(tmp, out)
     return out
 
 
-def _quiet(fn):
-    return fn()
+def _quiet(fn) -> str:
+    """Run ``fn`` with the process's stdout and stderr (C++ prints too) captured; returns what it printed."""
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            fn()
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        f.seek(0)
+        return f.read().decode(errors="replace")
 
 
 __all__ = ["FormatError", "Output", "Runner", "load"]

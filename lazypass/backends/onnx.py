@@ -30,13 +30,17 @@ Flavours:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
+import io as _io
 import json
+import logging
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -392,19 +396,21 @@ def _translations() -> dict:
 
 
 def _to_onnx(wrapper, io, trace, opset):
-    import contextlib
-    import io as _io
-    import warnings
-
     import onnx
 
     example, input_names, output_names = trace
-    with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            wrapper, tuple(example), dynamo=True, input_names=input_names, output_names=output_names,
-            opset_version=opset, custom_translation_table=_translations(), optimize=True, verbose=False,
-        )
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")  # "torchvision is not installed"
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(_io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                wrapper, tuple(example), dynamo=True, input_names=input_names, output_names=output_names,
+                opset_version=opset, custom_translation_table=_translations(), optimize=True, verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
     proto = program.model_proto
     if proto.functions:
         raise RuntimeError(f"internal: {len(proto.functions)} ONNX functions were not inlined")
@@ -449,12 +455,20 @@ def _save(files, check: bool = True) -> list[str]:
                 onnx.save_model(proto, tmp, save_as_external_data=True, location=os.path.basename(path) + ".data")
             else:
                 onnx.save_model(proto, tmp)
+            _readable(tmp)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
         written.append(path)
     return written
+
+
+def _readable(path):
+    """Temporary files are private (0600); the file written is as any other new file (umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 # -- static flavour ------------------------------------------------------------------
@@ -696,6 +710,7 @@ def _save_with_data(files, data_path, blob) -> list[str]:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
+        _readable(tmp)
         written = _save(files, check=False)
         os.replace(tmp, data_path)
     finally:

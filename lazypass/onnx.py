@@ -300,10 +300,14 @@ class _Ort:
         import onnxruntime as ort
 
         self.ort = ort
+        self.shared = {}  # static flavour: one copy of the weights for all pattern sessions
         first = self._session(path, providers, threads)
         meta = _meta(first.get_modelmeta().custom_metadata_map, path)
         self.meta = meta
         files = _files(path, meta)
+        if len(files) > 1:
+            self.shared = _shared_weights(files, meta)
+            first = self._session(path, providers, threads)
         self.sessions = [first] + [self._session(f, providers, threads) for f in files[1:]]
         for f, s in zip(files, self.sessions):
             _check_io(meta, _ort_io(s.get_inputs()), _ort_io(s.get_outputs()), f)
@@ -319,6 +323,8 @@ class _Ort:
         if threads:
             so.intra_op_num_threads = threads
         so.log_severity_level = 3
+        for name, value in self.shared.get(os.path.basename(path), {}).items():
+            so.add_initializer(name, value)
         try:
             return ort.InferenceSession(path, so, providers=providers or ["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
@@ -328,6 +334,39 @@ class _Ort:
         session = self.sessions[pattern]
         names = [o.name for o in session.get_outputs()]
         return dict(zip(names, session.run(names, feeds)))
+
+
+def _shared_weights(files, meta) -> dict:
+    """The static flavour's weights as OrtValues over one memory map of the shared data file,
+    handed to every pattern session (``SessionOptions.add_initializer``) so that the weights
+    are in memory once. Needs the ``onnx`` package to read where each tensor lies; without
+    it every session loads its own copy."""
+    try:
+        import onnx
+        from onnx import helper
+    except ImportError:
+        return {}
+    import onnxruntime as ort
+
+    folder = os.path.dirname(os.path.abspath(files[0]))
+    data = np.memmap(os.path.join(folder, meta["static"]["data"]), dtype=np.uint8, mode="r")
+    values, arrays, shared = {}, [], {}
+    for f in files:
+        per_file = {}
+        for t in onnx.load(f, load_external_data=False).graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            key = (int(info.get("offset", 0)), int(info["length"]), t.data_type, tuple(t.dims))
+            if key not in values:
+                dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+                array = np.array(data[key[0]: key[0] + key[1]].view(dtype).reshape(t.dims))  # read once
+                arrays.append(array)
+                values[key] = ort.OrtValue.ortvalue_from_numpy(array)
+            per_file[t.name] = values[key]
+        shared[os.path.basename(f)] = per_file
+    shared["_arrays"] = arrays  # OrtValues borrow these buffers: keep them alive
+    return shared
 
 
 def _ort_io(values) -> dict:
@@ -363,6 +402,7 @@ class _Mnn:
         import MNN.nn as nn
 
         self.F = F
+        self.fallback = False  # True when the backend asked for was not there and MNN ran on CPU
         backends = {"cpu": F.Backend.CPU, "opencl": F.Backend.OPENCL}
         if backend not in backends:
             raise ValueError(f"mnn_backend must be 'cpu' or 'opencl', got {backend!r}")
@@ -374,8 +414,16 @@ class _Mnn:
             _check_io(meta, ins, outs, f)
             mnn = _convert(f, cache_dir)
             names_in, names_out = list(ins), list(outs)
-            module = nn.load_module_from_file(mnn, names_in, names_out, backend=backends[backend],
-                                              thread_num=threads or 1, shape_mutable=True)
+            loaded = []
+            log = _quiet(lambda: loaded.append(nn.load_module_from_file(
+                mnn, names_in, names_out, backend=backends[backend], thread_num=threads or 1, shape_mutable=True)))
+            module = loaded[0]
+            if backend != "cpu" and "Can't Find" in log:  # MNN falls back to its CPU backend
+                import warnings
+
+                warnings.warn(f"this MNN build has no {backend} backend; running on CPU ({log.strip()})",
+                              RuntimeWarning, stacklevel=3)
+                self.fallback = True
             self.modules.append(module)
             self.io.append((names_in, names_out))
         self.dtypes = {e["name"]: e["dtype"] for e in meta["inputs"] + meta["settings"] + meta["state"]}

@@ -244,7 +244,7 @@ def main(argv=None) -> list[dict]:
             row.update(model=name, traced=f"no (build: {_short(e)})")
             row["class"] = ZOO[name].cls
         rows.append(row)
-        print(f"{name}: {time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"{name}: {time.time() - t0:.1f}s  traced={row['traced']}  onnx={row['onnx']}", file=sys.stderr, flush=True)
         if a.sites and "_sites" in row:
             from lazypass.report import site_table
 

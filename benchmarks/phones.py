@@ -7,8 +7,9 @@ with ``max_reuse=1`` so that one file serves both laziness levels:
   50% lazy   threshold -0.5: every site reuses its cache whenever it may; with max_reuse=1
              that is every other call (computes at calls 0, 2, 4, ..., reuses at 1, 3, 5, ...)
 
-Per variant: the median per-call latency over ``--repeats`` 10-step trajectories (timesteps
-900, 800, ..., 0). Variants: the original model in torch eager, the lazy model in torch eager,
+Per variant: the mean per-step latency of a 10-step trajectory (timesteps 900, 800, ..., 0;
+a lazy trajectory alternates computing and reusing steps, so a median would pick one kind),
+the median of that over ``--repeats`` trajectories. Variants: the original model in torch eager, the lazy model in torch eager,
 the dynamic ONNX file (fp32 and fp16) in onnxruntime (CPU provider, graph optimisations on)
 and in MNN (Module API, CPU backend), and the static file (the 50% schedule baked in) in
 onnxruntime. All with ``--threads`` threads. File sizes: the original model through
@@ -162,11 +163,12 @@ def main(argv=None):
             variants[(name, label)] = onnx_run(runner, thr)
 
     load0 = f"{os.getloadavg()[0]:.1f}"
-    results = {k: [] for k in variants}
+    results = {k: [] for k in variants}  # per repeat: mean seconds per step
     ratios = {}
     for _ in range(a.repeats):
         for key, run in variants.items():  # the variants take turns in every repeat
-            results[key] += run()
+            times = run()
+            results[key].append(sum(times) / len(times))
             if key[0].startswith("onnx") or key[0].startswith("MNN"):
                 name = key[0]
                 ratios[key] = float(runners[name].skipped().mean())
@@ -180,7 +182,7 @@ def main(argv=None):
     print(f"{a.model}, 32x32x4 latents, batch {b}, {a.steps} steps x {a.repeats} repeats, {a.threads} thread(s); "
           f"{platform.machine()}, torch {torch.__version__}, load average {load0} at start, "
           f"{os.getloadavg()[0]:.1f} at the end")
-    print(tabulate(rows, headers=["runtime", "setting", "lazy", "ms/step (median)", "vs torch original"]))
+    print(tabulate(rows, headers=["runtime", "setting", "lazy", "ms/step (mean)", "vs torch original"]))
     sizes = [[k, len(v), _mb(_size(v))] for k, v in files.items()]
     print()
     print(tabulate(sizes, headers=["file", "files", "size"]))

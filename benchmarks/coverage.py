@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import os
 import sys
 import tempfile
@@ -52,7 +53,7 @@ HEADERS = ["model", "class", "traced", "sites", "attn ops", "MACs", "parity", "r
 
 
 def _short(e: BaseException, n: int = 90) -> str:
-    msg = " ".join(str(e).split())
+    msg = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())  # the ONNX exporter colours its messages
     return f"{type(e).__name__}: {msg[:n]}"
 
 

@@ -105,3 +105,16 @@ def test_every_diffusers_transformer_is_built_or_explained():
     named = {"DiT", "PixArt", "SD3", "Flux", "HunyuanDiT", "Sana", "Lumina", "AuraFlow", "CogVideoX", "Latte",
              "Allegro", "Mochi", "LTXVideo", "Wan", "HiDream"}
     assert all(any(c.startswith(n) for c in built) for n in named)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_coverage_onnx(name):
+    """The table's onnx column for the fast subset: export (dynamic flavour) and onnxruntime
+    parity with the eager lazy model over a computing and a reusing step (1-2 min per model)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from benchmarks.coverage import onnx_parity
+
+    cell, err = onnx_parity(ZOO[name])
+    assert cell.startswith("yes"), cell

@@ -1,10 +1,10 @@
 """Phones: ONNX file sizes and per-step latency in onnxruntime and MNN against torch eager.
 
 DiT-S/2 (random weights), 32x32x4 latents, batch 2 (as ``benchmarks/overhead.py``), made lazy
-with ``max_reuse=1`` so that one file serves both laziness levels:
+with ``max_age=1`` so that one file serves both laziness levels:
 
   0% lazy    threshold 1.5: gates, conditionals and state run, nothing is skipped
-  50% lazy   threshold -0.5: every site reuses its cache whenever it may; with max_reuse=1
+  50% lazy   threshold -0.5: every site reuses its cache whenever it may; with max_age=1
              that is every other call (computes at calls 0, 2, 4, ..., reuses at 1, 3, 5, ...)
 
 Per variant: the mean per-step latency of a 10-step trajectory (timesteps 900, 800, ..., 0;
@@ -66,7 +66,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     original = build_dit(a.model, input_size=32, init="random").eval()
-    lazy = lazypass.apply(copy.deepcopy(original), max_reuse=1)
+    lazy = lazypass.apply(copy.deepcopy(original), max_age=1)
     b = a.batch
     x = torch.randn(b, 4, 32, 32)
     y = torch.randint(0, 1000, (b,))

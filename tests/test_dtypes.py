@@ -78,12 +78,17 @@ def test_scores_are_fp32_in_the_graph_and_at_run_time(arch, dtype, cast_after_ap
     sigmoids = [n for n in graph.nodes if n.target == aten.sigmoid.default]
     assert len(sigmoids) == len(model.lazy_gates.layout)
     for sig in sigmoids:
-        logit = sig.args[0].args[0]  # add(logit, bias)
-        terms = [logit]
-        while terms[-1].target == aten.add.Tensor:  # several streams: sum of mv terms
-            terms[-1:] = list(terms[-1].args)
-        for mv in terms:
-            assert mv.target == aten.mv.default
+        terms, leaves = [sig.args[0]], []  # logit = sum of mv terms (one per stream), bias, features
+        while terms:
+            node = terms.pop()
+            if node.target == aten.add.Tensor:
+                terms.extend(node.args)
+            else:
+                leaves.append(node)
+        products = [n for n in leaves if n.target == aten.mv.default]
+        assert products, "no token-sum . weight product feeds the gate"
+        assert all(n.target in (aten.mv.default, aten.select.int, aten.mul.Tensor) for n in leaves)
+        for mv in products:
             summed, weight = mv.args
             assert summed.target == aten.sum.dim_IntList and summed.kwargs["dtype"] == torch.float32
             if weight.op == "get_attr":  # gates kept in fp32 are read as they are

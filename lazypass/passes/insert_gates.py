@@ -147,12 +147,12 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 may = call(aten.logical_and.default, may, call(aten.lt.Scalar, age, cfg.max_age))
             current = None
             if leader == i:
-                sums = token_sums(call, m, batch)
+                sums = token_sums(call, m, batch, sync)
                 drift = None
                 if st.pools:
                     current = means(call, sums)
                     drift = drift_of(call, current, [row(p) for p in st.pools], valid)
-                logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift, sync)
+                logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift)
                 score = call(aten.sigmoid.default, logit)
                 decided[i] = (score, call(aten.gt.Tensor, score, threshold))
             score, want = decided[leader]

@@ -46,7 +46,8 @@ class Live:
 
     tensors: list[torch.Tensor]  # the state inputs after the threshold, as in state_specs[1:]
     threshold: torch.Tensor
-    records: list[torch.Tensor]  # ring buffers: skipped (R, sites, B), saved (R, sites), scores (R, sites, B)
+    records: list[torch.Tensor]  # ring buffers: skipped (R, sites, B), saved (R, sites), scores (R, sites, B),
+    #                              computed (R, sites): share of rows each branch computed
     count: torch.Tensor  # 0-d int64: calls made since the last reset
 
     def buffers(self) -> list[torch.Tensor]:
@@ -66,6 +67,7 @@ def live_state(prog, threshold: torch.Tensor, device: torch.device) -> Live:
         torch.zeros(RECORDS, sites, batch, dtype=torch.bool, device=device),
         torch.zeros(RECORDS, sites, dtype=torch.bool, device=device),
         torch.zeros(RECORDS, sites, batch, dtype=torch.float32, device=device),
+        torch.zeros(RECORDS, sites, dtype=torch.float32, device=device),
     ]
     live = Live(tensors, threshold, records, torch.zeros((), dtype=torch.int64, device=device))
     for t in (*live.buffers(), threshold):
@@ -124,8 +126,8 @@ def register_buffers(rt) -> None:
     rt.model.lazy_state = StateBuffers(rt)
 
 
-def compiled_records(rt) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The (skipped, saved, scores) of the compiled calls since the last reset, oldest first."""
+def compiled_records(rt) -> list[tuple[torch.Tensor, ...]]:
+    """The (skipped, saved, scores, computed) of the compiled calls since the last reset, oldest first."""
     if rt.program is None or rt.program.key not in rt.live:
         return []
     live = rt.live[rt.program.key]

@@ -55,6 +55,13 @@ class LazyConfig:
             more than one rank *and* the traced model itself holds collectives (its ranks
             already run in lockstep); otherwise off, since data-parallel ranks that sample
             independently must not wait for each other.
+        batch_compute: what a branch computes when some samples of the batch skip it and others
+            do not: ``"full"`` runs it on the whole batch and the samples that skip take their
+            cached rows; ``"compact"`` gathers the samples that compute, runs the branch on
+            those rows alone and scatters them back, so compute saved follows per-sample
+            decisions (rows are padded up to a power of two, so compiled graphs hold one
+            variant per power of two below the batch, whatever the decisions). Either way a
+            sample's result does not depend on the rest of its batch.
         sync_group: name of the process group to synchronise over (``group.group_name``,
             e.g. xDiT's sequence-parallel group); default the world group.
 
@@ -77,6 +84,7 @@ class LazyConfig:
     gate_inputs: tuple[str, ...] = ("age", "drift")
     sync_decisions: bool | str | None = None
     sync_group: str | None = None
+    batch_compute: str = "full"
 
     def __post_init__(self):
         if self.rho_attn is None:
@@ -105,6 +113,11 @@ class LazyConfig:
         if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
             raise ValueError(f"cache_dtype must be one of {sorted(_DTYPES)} or None, got {self.cache_dtype!r}")
 
+        if self.batch_compute not in BATCH_COMPUTE:
+            raise ValueError(
+                f"batch_compute must be one of {BATCH_COMPUTE} (what a branch computes when only some samples "
+                f"skip it), got {self.batch_compute!r}"
+            )
         if self.sync_decisions not in (None, True, False, "sharded", "replicated"):
             raise ValueError(
                 f"sync_decisions must be None (auto), True, False, 'sharded' or 'replicated', got "
@@ -147,6 +160,7 @@ class LazyConfig:
 GATE_OPTIONS = ("max_age", "reuse", "granularity", "gate_inputs")
 GATE_INPUTS = ("age", "drift")
 REUSE = ("copy", "forecast")
+BATCH_COMPUTE = ("full", "compact")
 
 
 def check_threshold(threshold) -> float:

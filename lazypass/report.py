@@ -87,15 +87,24 @@ class Stats:
     """What the gates did over the calls since the last reset.
 
     ``skipped[c, i, b]``: sample ``b`` took the cache of site ``i`` at call ``c``;
-    ``saved[c, i]``: the whole batch skipped, so the branch was not computed and its
-    compute was saved; ``scores[c, i, b]``: gate scores. ``lazy_ratio`` counts decisions
-    (what the paper reports), ``saved_ratio`` counts compute that was saved.
+    ``saved[c, i]``: the whole batch skipped, so the branch was not computed at all;
+    ``computed[c, i]``: the share of the batch's rows the branch computed (1 when it ran on
+    the whole batch, 0 when saved, in between under ``batch_compute="compact"``);
+    ``scores[c, i, b]``: gate scores (the graph compares logits with the threshold's logit
+    and turns the recorded logits into scores once per call, off the per-site path).
+    ``lazy_ratio`` counts decisions (what the paper reports), ``saved_ratio`` the branch calls
+    skipped whole, ``compute_saved`` and ``macs_saved`` the compute really saved.
     """
 
     sites: list[Site]
     skipped: np.ndarray
     saved: np.ndarray
     scores: np.ndarray
+    computed: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.computed is None:
+            self.computed = 1.0 - self.saved.astype(np.float64)
 
     def _ratio(self, a: np.ndarray, kind: str | None) -> float:
         cols = [i for i, s in enumerate(self.sites) if kind is None or s.kind == kind]
@@ -115,13 +124,18 @@ class Stats:
         return self._ratio(self.saved, None)
 
     @property
+    def compute_saved(self) -> float:
+        """Share of branch compute saved (rows not computed), over all sites and calls."""
+        return 1.0 - self._ratio(self.computed, None) if self.computed.size else 0.0
+
+    @property
     def macs_full(self) -> int:
         return int(sum(s.macs for s in self.sites) * self.saved.shape[0])
 
     @property
     def macs_saved(self) -> int:
         per_site = np.array([s.macs for s in self.sites], dtype=np.float64)
-        return int((self.saved * per_site).sum()) if self.saved.size else 0
+        return int(((1.0 - self.computed) * per_site).sum()) if self.computed.size else 0
 
     def table(self) -> str:
         rows = []
@@ -134,8 +148,8 @@ class Stats:
                                         "lazy", "saved"])
         return (
             f"{table}\nlazy ratio {self.lazy_ratio:.1%} (attn {self.lazy_ratio_of('attn'):.1%}, "
-            f"ffn {self.lazy_ratio_of('ffn'):.1%}); compute saved on {self.saved_ratio:.1%} of branch calls; "
-            f"saved {_macs(self.macs_saved)} of {_macs(self.macs_full)} branch MACs"
+            f"ffn {self.lazy_ratio_of('ffn'):.1%}); {self.saved_ratio:.1%} of branch calls skipped whole; "
+            f"compute saved {self.compute_saved:.1%}: {_macs(self.macs_saved)} of {_macs(self.macs_full)} branch MACs"
         )
 
     def __str__(self) -> str:
@@ -154,8 +168,9 @@ def stats(model: nn.Module) -> Stats:
     if prog is None or not records:
         sites = prog.sites if prog is not None else []
         n = len(sites)
-        return Stats(sites, np.zeros((0, n, 0), bool), np.zeros((0, n), bool), np.zeros((0, n, 0)))
+        return Stats(sites, np.zeros((0, n, 0), bool), np.zeros((0, n), bool), np.zeros((0, n, 0)), np.zeros((0, n)))
     skipped = np.stack([r[0].detach().cpu().numpy() for r in records])
     saved = np.stack([r[1].detach().cpu().numpy() for r in records])
     scores = np.stack([r[2].detach().float().cpu().numpy() for r in records])
-    return Stats(prog.sites, skipped, saved, scores)
+    computed = np.stack([r[3].detach().float().cpu().numpy() for r in records])
+    return Stats(prog.sites, skipped, saved, scores, computed)

@@ -53,7 +53,7 @@ FORMAT = "lazypass-onnx"
 VERSION = 1
 FLAVOURS = ("dynamic", "static")
 MIN_OPSET = 18  # what the exporter's op library is written for
-RECORD_NAMES = ("lazy_skipped", "lazy_saved", "lazy_scores")  # insert_gates' records, in order
+RECORD_NAMES = ("lazy_skipped", "lazy_saved", "lazy_scores", "lazy_computed")  # insert_gates' records, in order
 NEXT = "_next"  # state output name = state input name + NEXT
 
 _DTYPES = {None: None, torch.float32: torch.float32, torch.float16: torch.float16,

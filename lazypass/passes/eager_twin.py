@@ -3,9 +3,14 @@
 ``torch.ops.higher_order.cond`` run eagerly does the same thing (evaluates the predicate
 and calls one branch), but its dispatch costs ~0.1 ms per call, and a lazy graph holds two
 per site. The twin replaces the HOP by a plain Python function, which reads the 0-d
-predicate on the host: the one place eager lazy mode syncs, once or twice per site per call
-(compiled and exported graphs keep the HOP). Parameters and branch modules are shared
-with the original graph, not copied.
+predicate on the host: once or twice per site per call (more under ``batch_compute=
+"compact"``, one per bucket tried). It also reads the call's cache slot on the host once
+per call, so that a state row is a view (``state[slot]``) instead of an ``index_select``
+copy and a write is ``state[slot].copy_(new)`` instead of ``index_copy_``: a branch that
+reuses its cache returns the cached row itself, and writing that row back is left out, so
+a skipped branch moves no data (compiled and exported graphs keep the HOPs and the
+functional reads). The results are those of the ``cond`` graph, bit for bit. Parameters
+and branch modules are shared with the original graph, not copied.
 """
 
 from __future__ import annotations
@@ -16,21 +21,67 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.passes.insert_gates import SLOT
+
+aten = torch.ops.aten
 
 
 def _direct_cond(pred, true_fn, false_fn, operands):
     return true_fn(*operands) if pred else false_fn(*operands)
 
 
-def eager_twin(gm: fx.GraphModule, cfg: LazyConfig | None = None) -> fx.GraphModule:
+def _host_index(slot: torch.Tensor) -> int:
+    return int(slot.reshape(()))
+
+
+def _put(state: torch.Tensor, index: int, new: torch.Tensor) -> torch.Tensor:
+    """``state[index] = new``, left out where ``new`` is that row already (a reused cache)."""
+    dst = state[index]
+    if not (new.data_ptr() == dst.data_ptr() and new.dtype == dst.dtype and new.shape == dst.shape
+            and new.stride() == dst.stride()):
+        dst.copy_(new)
+    return state
+
+
+def _views(graph: fx.Graph, slot: fx.Node, index: fx.Node) -> None:
+    """Reads and writes of ``state[slot]`` in ``graph`` as views with the host ``index``."""
+    for user in list(slot.users):
+        if user is index:
+            continue
+        if user.target is aten.index_select.default and user.args[1:] == (0, slot):
+            (squeeze,) = user.users if len(user.users) == 1 else (None,)
+            if squeeze is not None and squeeze.target is aten.squeeze.dim and squeeze.args[1:] == (0,):
+                squeeze.target, squeeze.args = aten.select.int, (user.args[0], 0, index)
+                graph.erase_node(user)
+                continue
+        elif user.target is aten.index_copy_.default and user.args[1:3] == (0, slot):
+            new = user.args[3]
+            if new.target is aten.unsqueeze.default and new.args[1:] == (0,):
+                user.target, user.args = _put, (user.args[0], index, new.args[0])
+                if not new.users:
+                    graph.erase_node(new)
+                continue
+        user.replace_input_with(slot, index)  # cond operands: the branches get the host index too
+
+
+def eager_twin(gm: fx.GraphModule, cfg: LazyConfig | None = None, *, branch: bool = False) -> fx.GraphModule:
     """A new graph module whose cond nodes (also inside branches) call the chosen branch."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     attrs = {}
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         if node.op == "get_attr":
             obj = operator.attrgetter(node.target)(gm)
-            attrs[node.target] = eager_twin(obj) if isinstance(obj, fx.GraphModule) else obj
+            attrs[node.target] = eager_twin(obj, branch=True) if isinstance(obj, fx.GraphModule) else obj
         elif node.target is torch.ops.higher_order.cond:
             node.target = _direct_cond
+    is_slot = (lambda n: n.op == "placeholder" and n.target == "slot") if branch else (lambda n: n.meta.get(SLOT))
+    slot = next((n for n in graph.nodes if is_slot(n)), None)
+    if slot is not None:
+        if branch:
+            _views(graph, slot, slot)  # the caller passes the host index
+        else:
+            with graph.inserting_after(slot):
+                index = graph.call_function(_host_index, (slot,))
+            _views(graph, slot, index)
     return fx.GraphModule(attrs, graph)

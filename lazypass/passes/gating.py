@@ -37,7 +37,9 @@ def token_sums(call, m, batch: int, sync=None) -> list[tuple[fx.Node, int]]:
         tokens = math.prod(zs[:-1]) // batch
         if len(zs) != 3 or zs[0] != batch:
             z = call(aten.reshape.default, z, [batch, -1, zs[-1]])
-        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
+        # a dtype= argument makes sum copy its input first, even to the same dtype
+        wide = {} if s.z.meta.get("val") is not None and s.z.meta["val"].dtype == torch.float32 else {"dtype": torch.float32}
+        summed = call(aten.sum.dim_IntList, z, [1], False, **wide)
         if sync is not None and sync[0] == "sharded":
             from lazypass.distributed import all_reduce
 

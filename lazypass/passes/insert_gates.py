@@ -47,6 +47,7 @@ from lazypass.passes.info import graph_info
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
+SLOT = "lazy_slot"  # node.meta key of the node that holds this call's cache slot (the eager twin reads it)
 
 
 @dataclass
@@ -111,6 +112,11 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     # which samples start a new run (their timestep went up).
     first_use = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
     with graph.inserting_before(first_use):
+        # score > threshold  <=>  logit > logit(threshold): one log per call instead of a sigmoid
+        # per site; thresholds outside (0, 1) clamp to logit -inf (always) / +inf (never)
+        clamped = call(aten.clamp.default, threshold, 0.0, 1.0)
+        bar = call(aten.sub.Tensor, call(aten.log.default, clamped),
+                   call(aten.log1p.default, call(aten.neg.default, clamped)))
         if timestep is not None:
             t = call(aten.reshape.default, call(aten._to_copy.default, timestep, dtype=torch.float32), [-1])
             t = call(aten.expand.default, t, [batch])
@@ -119,11 +125,13 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             index = call(aten.where.ScalarOther, same_step, call(aten.add.Tensor, call_index, 1), 0)
             in_range = call(aten.lt.Scalar, index, K)
             slot = call(aten.reshape.default, call(aten.clamp.default, index, None, K - 1), [1])
+            slot.meta[SLOT] = True
             call(aten.copy_.default, last_t, t)
             call(aten.copy_.default, call_index, index)
         else:  # every call is a step of its own: one slot
             t = not_new = in_range = None
             slot = call(aten.zeros.default, [1], dtype=torch.int64, device=value(matches[0].streams[0].x).device)
+            slot.meta[SLOT] = True
 
     def row(state):  # this call's slot of a (K, B, ...) state tensor
         return call(aten.squeeze.dim, call(aten.index_select.default, state, 0, slot), 0)
@@ -131,7 +139,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     def put(state, new):
         call(aten.index_copy_.default, state, 0, slot, call(aten.unsqueeze.default, new, 0))
 
-    skipped, saved, scores, decided = [], [], [], {}
+    skipped, saved, scores, computed, decided = [], [], [], [], {}
     for i, (m, st) in enumerate(zip(matches, states)):
         leader = leaders[i]
         # after the step bookkeeping too: a site may read only graph inputs (StableAudio);
@@ -153,8 +161,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                     current = means(call, sums)
                     drift = drift_of(call, current, [row(p) for p in st.pools], valid)
                 logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift)
-                score = call(aten.sigmoid.default, logit)
-                decided[i] = (score, call(aten.gt.Tensor, score, threshold))
+                decided[i] = (logit, call(aten.gt.Tensor, logit, bar))
             score, want = decided[leader]
             skip = call(aten.logical_and.default, want, may)
             if sync is not None:  # a sample skips only where every rank may skip it
@@ -166,25 +173,29 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             if forecast:
                 t_fill, t_prev, has_prev = row(st.t_fill), row(st.t_prev), row(st.has_prev)
                 extra = [_forecast_factor(call, t, t_fill, t_prev, has_prev)]
-            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast)
+            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
+                                      cfg.batch_compute)
             operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, anyone] + extra)
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
-            outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
+            n_out = len(m.streams)
+            outs = [call(operator.getitem, cond, j) for j in range(n_out)]
+            finite = call(operator.getitem, cond, n_out)  # (B,): the row's computed output is finite
+            computed.append(call(operator.getitem, cond, n_out + 1))  # 0-d: share of rows computed
 
             # rows that computed refill the cache; rows that skipped keep it (with copies the
-            # output of a skipped row is its cache, so the plain write leaves it unchanged)
-            finite = None
+            # output of a skipped row is its cache, so the plain write leaves it unchanged, and the
+            # eager twin leaves out the write when the branch returned the cache itself)
             for j, (cache, out) in enumerate(zip(st.caches, outs)):
                 src = _cast(call, out, value(cache).dtype)
-                ok = _finite_rows(call, src, batch)
-                finite = ok if finite is None else call(aten.logical_and.default, finite, ok)
                 if forecast:
                     mask = _row_mask(call, skip, value(cache).shape[1:], batch)
                     old = row(cache)
                     put(st.prevs[j], call(aten.where.self, mask, row(st.prevs[j]), old))
                     src = call(aten.where.self, mask, old, src)
                 put(cache, src)
-            written = _choose(call, skip, valid, finite)
+            # a row skips only where its cache is valid (skip implies may), so it stays valid; a
+            # row that computed is valid where its output is finite
+            written = call(aten.logical_or.default, skip, finite)
             if in_range is not None:
                 written = call(aten.logical_and.default, written, in_range)
             if forecast:
@@ -206,7 +217,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
         scores.append(score)
 
     with graph.inserting_before(output):
-        records = [call(aten.stack.default, r) for r in (skipped, saved, scores)]
+        records = [call(aten.stack.default, r) for r in (skipped, saved, scores, computed)]
+        records[2] = call(aten.sigmoid.default, records[2])  # logits -> scores, once per call
     output.args = (tuple(outputs) + tuple(records),)
     info.state_specs = specs
     info.n_user_outputs = len(outputs)
@@ -250,13 +262,14 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _finite_rows(call, node, batch):
+def _finite_rows(call, node, batch, dtype):
     """(B,) bool: every value of the sample is finite. One fp32 sum per sample: NaN and Inf survive
     a sum, and a sum that overflows only makes a cache row invalid, which is safe. Rows are
     sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
     the leading dim."""
     rows = call(aten.reshape.default, node, [batch, -1])
-    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
+    wide = {} if dtype == torch.float32 else {"dtype": torch.float32}  # a dtype= argument copies first
+    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, **wide))
 
 
 def branch_graph(m, extra: tuple[str, ...] = ()) -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:
@@ -308,8 +321,15 @@ def _dense_value(v):
         return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
-def _branches(gm, m, i, cache_dtypes, batch, forecast: bool):
-    """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
+def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str = "full"):
+    """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute).
+
+    Every branch returns F's outputs, then ``finite`` (B,) bool (the row's output is finite;
+    only read for rows that computed) and ``computed`` (0-d f32, the share of rows computed).
+    With ``batch_compute="compact"``, ``mixed`` is a chain of conditionals over bucket sizes
+    (``buckets``): the smallest bucket that holds the rows that compute gathers those rows
+    (padded with skipping rows), runs F on them alone and scatters them back.
+    """
     n_out = len(m.streams)
     names = tuple(f"cache_{j}" for j in range(n_out))
     if forecast:
@@ -325,39 +345,221 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool):
             c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
             if forecast:
                 p = _read(g, by_name[f"prev_{j}"], by_name["slot"], *d)
-                f = _row_mask(lambda t, *a: g.call_function(t, a), by_name["factor"], shape(s.y), batch)
+                f = _row_mask(_on(g), by_name["factor"], shape(s.y), batch)
                 f = g.call_function(aten._to_copy.default, (f,), {"dtype": d[0]})
                 slope = g.call_function(aten.sub.Tensor, (c, p))
                 c = g.call_function(aten.add.Tensor, (c, g.call_function(aten.mul.Tensor, (slope, f))))
             out.append(c)
         return out
 
+    def finish(g, outs, skip, rows: float | fx.Node):
+        """Output node: F's outputs (contiguous), finite rows of what the caches will hold, share computed."""
+        outs = [_dense(g, o, s) for o, s in zip(outs, m.streams)]
+        finite = None
+        for o, d in zip(outs, dtypes):
+            if d[0] != d[1]:
+                o = g.call_function(aten._to_copy.default, (o,), {"dtype": d[1]})
+            ok = _finite_rows(_on(g), o, batch, d[1])
+            finite = ok if finite is None else g.call_function(aten.logical_and.default, (finite, ok))
+        if finite is None:
+            finite = g.call_function(aten.ones_like.default, (skip,))
+        if not isinstance(rows, fx.Node):
+            rows = g.call_function(aten.new_full.default, (skip, [], rows), {"dtype": torch.float32})
+        g.output(tuple(outs) + (finite, rows))
+
     reuse = fx.Graph()
     for k in range(len(m.operands)):
         reuse.placeholder(f"operand_{k}")
-    reuse.output(tuple(reused(reuse, [reuse.placeholder(name) for name in names])))
+    inputs = [reuse.placeholder(name) for name in names]
+    skip = inputs[names.index("skip")]
+    reuse.output(tuple(reused(reuse, inputs)) + (reuse.call_function(aten.ones_like.default, (skip,)),
+                                                  reuse.call_function(aten.new_zeros.default, (skip, []),
+                                                                      {"dtype": torch.float32})))
 
-    compute, _, outs = branch_graph(m, names)
-    compute.output(tuple(_dense(compute, o, s) for o, s in zip(outs, m.streams)))
+    compute, extras, outs = branch_graph(m, names)
+    finish(compute, outs, extras[names.index("skip")], 1.0)
 
-    mixed, extras, outs = branch_graph(m, names)
-    skip = extras[names.index("skip")]
-    rows = []
-    for out, old, s in zip(outs, reused(mixed, extras), m.streams):
-        mask = _row_mask(lambda t, *a: mixed.call_function(t, a), skip, shape(s.y), batch)
-        rows.append(mixed.call_function(aten.where.self, (mask, old, out)))
-    mixed.output(tuple(_dense(mixed, r, s) for r, s in zip(rows, m.streams)))
+    def mixed_full():
+        g, extras, outs = branch_graph(m, names)
+        skip = extras[names.index("skip")]
+        rows = []
+        for out, old, s in zip(outs, reused(g, extras), m.streams):
+            mask = _row_mask(_on(g), skip, shape(s.y), batch)
+            rows.append(g.call_function(aten.where.self, (mask, old, out)))
+        finish(g, rows, skip, 1.0)
+        return g
 
+    mixed = mixed_full()
+    sizes = buckets(batch) if batch_compute == "compact" else []
+    batched = _batched_nodes(gm.graph, batch)
+    compact = [(n, _compact_graph(gm, m, names, batch, n, reused, finish, batched, dtypes)) for n in sizes]
+    compact = [(n, g) for n, g in compact if g is not None]
+    if sizes and not compact:
+        log.info("insert_gates: site %d computes whole batches (its branch does not take a subset of rows)", i)
+
+    decide_module = torch.nn.Module()
+    decide_module.compute = fx.GraphModule(torch.nn.Module(), compute)
+    decide_module.mixed = _bucket_chain(compact, fx.GraphModule(torch.nn.Module(), mixed), m, names, batch)
     decide = fx.Graph()
     inputs = [decide.placeholder(f"operand_{k}") for k in range(len(m.operands))]
     inputs += [decide.placeholder(name) for name in names]
     anyone = inputs[len(m.operands) + names.index("anyone")]
-    mixed_attr = decide.get_attr("mixed")
-    compute_attr = decide.get_attr("compute")
-    inner = decide.call_function(torch.ops.higher_order.cond, (anyone, mixed_attr, compute_attr, tuple(inputs)))
-    decide.output(tuple(decide.call_function(operator.getitem, (inner, j)) for j in range(n_out)))
-    decide_module = torch.nn.Module()
-    decide_module.mixed = fx.GraphModule(torch.nn.Module(), mixed)
-    decide_module.compute = fx.GraphModule(torch.nn.Module(), compute)
+    inner = decide.call_function(torch.ops.higher_order.cond, (anyone, decide.get_attr("mixed"),
+                                                                decide.get_attr("compute"), tuple(inputs)))
+    decide.output(tuple(decide.call_function(operator.getitem, (inner, j)) for j in range(n_out + 2)))
     setattr(gm, f"lazy_site_{i}_decide", fx.GraphModule(decide_module, decide))
     return _module(gm, f"lazy_site_{i}_reuse", reuse), gm.graph.get_attr(f"lazy_site_{i}_decide")
+
+
+def buckets(batch: int) -> list[int]:
+    """Row counts a compacted branch runs at: the powers of two below the batch. More rows than
+    the largest compute the whole batch. A fixed list, so compiled graphs hold a fixed number of
+    variants (one per bucket) whatever the number of rows that skip."""
+    out, n = [], 1
+    while n < batch:
+        out.append(n)
+        n *= 2
+    return out
+
+
+def _on(g: fx.Graph):
+    return lambda target, *args, **kwargs: g.call_function(target, args, kwargs)
+
+
+def _bucket_chain(compact, full: fx.GraphModule, m, names, batch: int) -> fx.GraphModule:
+    """``cond(n <= b1, rows_b1, cond(n <= b2, rows_b2, ... full))`` over the rows that compute."""
+    if not compact:
+        return full
+    (size, graph), rest = compact[0], compact[1:]
+    other = _bucket_chain(rest, full, m, names, batch)
+    g = fx.Graph()
+    inputs = [g.placeholder(f"operand_{k}") for k in range(len(m.operands))]
+    inputs += [g.placeholder(name) for name in names]
+    skip = inputs[len(m.operands) + names.index("skip")]
+    skipping = g.call_function(aten.sum.default, (skip,))
+    n = g.call_function(aten.rsub.Scalar, (skipping, batch))
+    pred = g.call_function(aten.le.Scalar, (n, size))
+    holder = torch.nn.Module()
+    holder.rows = fx.GraphModule(torch.nn.Module(), graph)
+    holder.other = other
+    inner = g.call_function(torch.ops.higher_order.cond, (pred, g.get_attr("rows"), g.get_attr("other"), tuple(inputs)))
+    g.output(tuple(g.call_function(operator.getitem, (inner, j)) for j in range(len(m.streams) + 2)))
+    return fx.GraphModule(holder, g)
+
+
+def _compact_graph(gm, m, names, batch: int, size: int, reused, finish, batched, dtypes) -> fx.Graph | None:
+    """F on ``size`` rows: those that compute first (a stable sort of ``skip``), padded with rows
+    that skip; their outputs are scattered over the reused rows. None where F's graph does not
+    run on a subset of rows (checked on meta tensors)."""
+    g = fx.Graph()
+    ops = [g.placeholder(f"operand_{k}") for k in range(len(m.operands))]
+    extras = [g.placeholder(name) for name in names]
+    skip = extras[names.index("skip")]
+    call = _on(g)
+    device = value(m.streams[0].y).device
+    order = call(operator.getitem, call(aten.sort.stable, call(aten._to_copy.default, skip, dtype=torch.uint8),
+                                        stable=True), 1)
+    chosen = call(aten.slice.Tensor, order, 0, 0, size)
+    index: dict[int, fx.Node] = {}
+
+    def rows_of(per_sample: int) -> fx.Node:  # row indices of the chosen samples, rows sample-major
+        if per_sample not in index:
+            if per_sample == 1:
+                index[1] = chosen
+            else:
+                base = call(aten.mul.Tensor, call(aten.unsqueeze.default, chosen, 1), per_sample)
+                offsets = call(aten.arange.start_step, 0, per_sample, 1, dtype=torch.int64, device=device)
+                index[per_sample] = call(aten.reshape.default, call(aten.add.Tensor, base, offsets), [-1])
+        return index[per_sample]
+
+    env: dict[fx.Node, fx.Node] = {}
+    for p, node in zip(m.operands, ops):
+        dims = shape(p)
+        if dims and dims[0] % batch == 0 and dims[0] >= batch and p in batched:
+            env[p] = call(aten.index_select.default, node, 0, rows_of(dims[0] // batch))
+        else:
+            env[p] = node
+    for n in m.nodes:
+        env[n] = g.node_copy(n, env.__getitem__)
+        if n in batched:
+            _shrink_sizes(env[n], shape(n), batch, size)
+    if not _runs_on_meta(gm, g, [env[s.y] for s in m.streams], m, names, batch, size):
+        return None
+    outs = []
+    for s, old in zip(m.streams, reused(g, extras)):
+        dims = shape(s.y)
+        idx = rows_of(dims[0] // batch)
+        full = call(aten.index_copy.default, old, 0, idx, env[s.y])
+        mask = _row_mask(call, skip, dims, batch)
+        outs.append(call(aten.where.self, mask, old, full))
+    finish(g, outs, skip, size / batch)
+    return g
+
+
+_SIZED = {aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1, aten.expand.default: 1,
+          aten.new_zeros.default: 1, aten.new_ones.default: 1, aten.new_empty.default: 1, aten.new_full.default: 1,
+          aten.zeros.default: 0, aten.ones.default: 0, aten.empty.memory_format: 0, aten.full.default: 0}
+
+
+def _shrink_sizes(node: fx.Node, dims, batch: int, size: int) -> None:
+    """Sizes written into the graph (a traced ``view(B, T, H, D)``) for ``size`` samples instead of
+    ``batch``: a size list whose first entry is the node's leading dim, a multiple of the batch."""
+    k = _SIZED.get(node.target)
+    if k is None or not dims or len(node.args) <= k or not isinstance(node.args[k], (list, tuple)):
+        return
+    sizes = list(node.args[k])
+    if sizes and isinstance(sizes[0], int) and sizes[0] == dims[0] and dims[0] % batch == 0:
+        sizes[0] = dims[0] // batch * size
+        node.args = node.args[:k] + (sizes,) + node.args[k + 1:]
+
+
+def _batched_nodes(graph: fx.Graph, batch: int) -> set[fx.Node]:
+    """Nodes whose leading dim holds the samples: a multiple of the batch, and computed from an
+    input whose leading dim is the batch (not from parameters or constants only)."""
+    out: set[fx.Node] = set()
+    for n in graph.nodes:
+        dims = shape(n)
+        if n.op == "placeholder":
+            if dims and dims[0] == batch and not n.name.startswith("lazy_"):
+                out.add(n)
+        elif dims and dims[0] % batch == 0 and any(a in out for a in n.all_input_nodes):
+            out.add(n)
+    return out
+
+
+def _runs_on_meta(gm, g: fx.Graph, computed, m, names, batch: int, size: int) -> bool:
+    """Whether F runs on the gathered rows (a copy of ``g`` so far, whose outputs are ``computed``)
+    and gives its outputs for exactly those rows, on meta tensors."""
+    want = []
+    for s in m.streams:
+        dims = shape(s.y)
+        if not dims or dims[0] % batch:
+            return False
+        want.append((dims[0] // batch * size, *dims[1:]))
+    check = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out = check.graph_copy(g, env)
+    check.output(tuple(env[c] for c in computed))
+    del out
+    def meta(node):
+        v = value(node)
+        if v is None and node.op == "get_attr":
+            v = operator.attrgetter(node.target)(gm)
+        if not isinstance(v, torch.Tensor):
+            raise ValueError("no example value")
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+
+    try:
+        inputs = [meta(p) for p in m.operands]
+        by_name = {"slot": torch.zeros(1, dtype=torch.int64, device="meta"),
+                   "skip": torch.zeros(batch, dtype=torch.bool, device="meta"),
+                   "anyone": torch.zeros((), dtype=torch.bool, device="meta"),
+                   "factor": torch.zeros(batch, dtype=torch.float32, device="meta")}
+        for j, s in enumerate(m.streams):
+            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty((1, *shape(s.y)), device="meta")
+        inputs += [by_name[name] for name in names]
+        outs = fx.Interpreter(fx.GraphModule(torch.nn.Module(), check)).run(*inputs)
+    except Exception as e:  # any op the gathered rows do not fit
+        log.info("insert_gates: compaction to %d rows does not run (%s)", size, e)
+        return False
+    return all(tuple(o.shape) == w for o, w in zip(outs, want))

@@ -514,15 +514,15 @@ def _shrink_sizes(node: fx.Node, dims, batch: int, size: int) -> None:
 
 
 def _batched_nodes(graph: fx.Graph, batch: int) -> set[fx.Node]:
-    """Nodes whose leading dim holds the samples: a multiple of the batch, and computed from an
-    input whose leading dim is the batch (not from parameters or constants only)."""
+    """Nodes computed from an input whose leading dim is the batch (not from parameters or
+    constants alone): what a compacted branch gathers, and where it shrinks written sizes."""
     out: set[fx.Node] = set()
     for n in graph.nodes:
-        dims = shape(n)
         if n.op == "placeholder":
+            dims = shape(n)
             if dims and dims[0] == batch and not n.name.startswith("lazy_"):
                 out.add(n)
-        elif dims and dims[0] % batch == 0 and any(a in out for a in n.all_input_nodes):
+        elif any(a in out for a in n.all_input_nodes):
             out.add(n)
     return out
 

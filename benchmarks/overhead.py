@@ -1,88 +1,208 @@
-"""Gate overhead and skip efficiency of the lazy model in eager mode.
+"""Cost of the lazy model in eager mode: gate overhead, all-skip residue, lazy sampling, compaction.
 
-DiT-S/2 (random weights), 32x32x4 latents, batch 2. Per-step latency, measured side by side
-(the three variants take turns in every repeat; medians):
-  original            the model before lazypass.apply
-  lazy, never skip    threshold 1.5: gates, conditionals and cache bookkeeping run, nothing skips
-  lazy, all skip      threshold -0.5 with valid caches: every site reuses its cache
-The never-skip ratio is the gate overhead (goal <= 1.01). For the all-skip variant the ideal is
-the original latency scaled by the MACs left outside the sites.
+Every table times its variants side by side (they take turns in every repeat; medians), so
+the ratios hold on a busy machine even where the milliseconds do not.
 
-    python benchmarks/overhead.py [--model DiT-S/2] [--repeats 15]
+1. DiT-S/2 (random weights), 32x32x4 latents, batch 2, per call:
+     original            the model before lazypass.apply
+     lazy, never skip    threshold 1.5: gates, conditionals and cache bookkeeping run, nothing skips
+     lazy, all skip      threshold -0.5 with valid caches: every site reuses its cache
+   The never-skip ratio is the gate overhead (goal <= 1.02). For the all-skip variant the ideal
+   is the original latency scaled by the MACs left outside the sites.
+2. The digits DiT of examples/digits.py (examples/assets), one image at batch 1, DDIM-20, CFG 1
+   and 2 (CFG 2 runs cond and uncond rows in one batch of 2): full compute against the fitted
+   50% gates (digits_gates_50pct_20steps.safetensors, with the options they were fitted under).
+   Goal: lazy faster than full, by a margin close to the MACs saved.
+3. DiT-S/2 at batch 8 with about half the rows skipping each site (seeded random gate weights,
+   each site's bias set so that its median row sits at the threshold on the first call):
+   batch_compute="full" against "compact", and the ideal from the MACs compact executed.
+
+    PYTHONPATH=$PWD python benchmarks/overhead.py [--repeats 7] [--parts 1 2 3]
 """
 
 import argparse
 import copy
-import platform
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from tabulate import tabulate
 
 import lazypass
 from lazypass.models import build_dit
+from lazypass.runtime import runtime
+from lazypass.sampling import ddim_sample
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="DiT-S/2")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per variant; the variants take turns within every repeat."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(v) for name, v in times.items()}
 
+
+def _dit(batch: int, **options):
     torch.manual_seed(0)
-    original = build_dit(args.model, input_size=32, init="random").eval()
-    lazy = lazypass.apply(copy.deepcopy(original))
-    x = torch.randn(args.batch, 4, 32, 32)
-    y = torch.randint(0, 1000, (args.batch,))
-    sites = lazypass.report(lazy, x, torch.full((args.batch,), 999), y, print_table=False)
-    prog = lazypass.runtime.runtime(lazy).program_for((x, torch.full((args.batch,), 999), y), {})[0]
-    covered = sum(s.macs for s in sites) / prog.model_macs
+    original = build_dit("DiT-S/2", input_size=32, init="random").eval()
+    lazy = lazypass.apply(copy.deepcopy(original), **options)
+    x = torch.randn(batch, 4, 32, 32)
+    y = torch.randint(0, 1000, (batch,))
+    sites = lazypass.report(lazy, x, torch.full((batch,), 999), y, print_table=False)
+    prog = runtime(lazy).program_for((x, torch.full((batch,), 999), y), {})[0]
+    return original, lazy, x, y, sites, prog
 
+
+def _caller(batch: int, x, y):
     step = {"n": 0}
 
     def call(model, threshold=None):
         # a descending timestep per call, as in sampling: caches stay valid, runs never restart
-        t = torch.full((args.batch,), 999 - step["n"] % 999)
+        t = torch.full((batch,), 999 - step["n"] % 999)
         step["n"] += 1
         if threshold is not None:
             lazypass.set_threshold(model, threshold)
-        start = time.perf_counter()
         with torch.no_grad():
             model(x, t, y)
-        return time.perf_counter() - start
 
-    variants = {
+    return call
+
+
+def part_overhead(args) -> dict:
+    b = 2
+    original, lazy, x, y, sites, prog = _dit(b)
+    covered = sum(s.macs for s in sites) / prog.model_macs
+    call = _caller(b, x, y)
+    med = interleaved({
         "original": lambda: call(original),
         "lazy, never skip": lambda: call(lazy, 1.5),
         "lazy, all skip": lambda: call(lazy, -0.5),
-    }
-    for fn in variants.values():  # warm up; also fills the caches
-        fn(), fn()
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            times[name].append(fn())
-    med = {name: statistics.median(v) for name, v in times.items()}
+    }, args.repeats, warmup=2)
     base = med["original"]
-    ideal_skip = base * (1 - covered)
-    rows = [
-        ["original", f"{base * 1e3:.1f}", "1.000", "", ""],
-        ["lazy, never skip", f"{med['lazy, never skip'] * 1e3:.1f}", f"{med['lazy, never skip'] / base:.3f}",
-         "", ""],
-        ["lazy, all skip", f"{med['lazy, all skip'] * 1e3:.1f}", f"{med['lazy, all skip'] / base:.3f}",
-         f"{ideal_skip * 1e3:.2f}", f"{med['lazy, all skip'] / ideal_skip:.1f}x"],
-    ]
-    print(f"{args.model}, batch {args.batch}, 32x32x4 latents, eager, {len(sites)} sites covering "
-          f"{covered:.1%} of MACs; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, {args.repeats} repeats (medians)")
-    print(tabulate(rows, headers=["variant", "ms/step", "vs original", "ideal ms (MACs)", "vs ideal"]))
-    print(f"overhead: ratio={med['lazy, never skip'] / base:.3f} all_skip_ratio={med['lazy, all skip'] / base:.3f} "
-          f"all_skip_vs_ideal={med['lazy, all skip'] / ideal_skip:.1f}")
+    ideal = base * (1 - covered)
+    rows = [["original", f"{base * 1e3:.1f}", "1.000", "", ""],
+            ["lazy, never skip", f"{med['lazy, never skip'] * 1e3:.1f}", f"{med['lazy, never skip'] / base:.3f}", "", ""],
+            ["lazy, all skip", f"{med['lazy, all skip'] * 1e3:.1f}", f"{med['lazy, all skip'] / base:.3f}",
+             f"{ideal * 1e3:.2f}", f"{med['lazy, all skip'] / ideal:.1f}x"]]
+    print(f"\n1. DiT-S/2, batch {b}, 32x32x4 latents, eager, {len(sites)} sites covering {covered:.1%} of MACs")
+    print(tabulate(rows, headers=["variant", "ms/call", "vs original", "ideal ms (MACs)", "vs ideal"]), flush=True)
+    return {"zero": med["lazy, never skip"] / base, "all_skip": med["lazy, all skip"] / base,
+            "all_skip_vs_ideal": med["lazy, all skip"] / ideal}
+
+
+def part_digits(args) -> dict:
+    sys.path.insert(0, str(EXAMPLES))
+    from digits_eval import NULL_CLASS, gates_path, load_dit
+
+    from lazypass.checkpoint import read_gates
+    from lazypass.config import GATE_OPTIONS
+
+    path = gates_path(0.5, 20)
+    plain = load_dit()
+    saved = read_gates(path).config
+    lazy = lazypass.apply(copy.deepcopy(plain), **{k: saved[k] for k in GATE_OPTIONS})
+    noise = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    label = torch.tensor([3])
+    lazypass.trace(lazy, noise, torch.full((1,), 999), label)
+    lazypass.trace(lazy, noise.repeat(2, 1, 1, 1), torch.full((2,), 999), label.repeat(2))
+    lazypass.load_gates(lazy, path)
+    rows, out = [], {}
+    for guidance in (1.0, 2.0):
+        kwargs = dict(cond=label, guidance_scale=guidance, null_cond=torch.tensor(NULL_CLASS), learned_sigma=False)
+
+        def lazy_run():
+            with lazypass.trajectory(lazy):
+                ddim_sample(lazy, noise, 20, **kwargs)
+                lazy_run.stats = lazypass.stats(lazy)
+
+        med = interleaved({"full": lambda: ddim_sample(plain, noise, 20, **kwargs), "lazy": lazy_run},
+                          args.repeats * 3, warmup=2)
+        st = lazy_run.stats
+        ratio = med["lazy"] / med["full"]
+        ideal = 1 - st.compute_saved * st.macs_full / max(1, st.macs_full)  # share of branch MACs left
+        rows.append([f"CFG {guidance:g}", f"{med['full'] * 1e3:.1f}", f"{med['lazy'] * 1e3:.1f}", f"{ratio:.3f}",
+                     f"{st.lazy_ratio:.0%}", f"{st.compute_saved:.0%}", f"{ideal:.2f}"])
+        out[f"cfg{guidance:g}"] = ratio
+    print("\n2. digits DiT (examples/assets), one image at batch 1, DDIM-20, fitted 50% gates, eager")
+    print(tabulate(rows, headers=["guidance", "full-20 ms", "lazy-20 ms", "lazy / full", "lazy ratio",
+                                  "branch compute saved", "branch MACs left"]), flush=True)
+    return out
+
+
+def _half_skipping(lazy, x, y, batch):
+    """Seeded random gate weights; each site's bias puts its median row at the threshold (0.5)."""
+    gates = lazy.lazy_gates
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in gates.parameters():
+            p.zero_()
+        for p in gates.weights:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        lazypass.set_threshold(lazy, 1.5)
+        lazypass.reset(lazy)
+        lazy(x, torch.full((batch,), 999), y)
+        logits = torch.logit(torch.as_tensor(lazypass.stats(lazy).scores[0]).double().clamp(1e-12, 1 - 1e-12))
+        gates.bias.copy_(-logits.median(dim=1).values.float() - 1e-3)
+        lazypass.set_threshold(lazy, 0.5)
+        lazypass.reset(lazy)
+
+
+def part_compact(args) -> dict:
+    b = 8
+    original, full, x, y, sites, prog = _dit(b)
+    compact = lazypass.apply(copy.deepcopy(original), batch_compute="compact")
+    lazypass.trace(compact, x, torch.full((b,), 999), y)
+    _half_skipping(full, x, y, b)
+    compact.lazy_gates.load_state_dict(full.lazy_gates.state_dict())
+    call = _caller(b, x, y)
+    for m in (full, compact):
+        lazypass.reset(m)
+    med = interleaved({"original": lambda: call(original), "lazy, full rows": lambda: call(full),
+                       "lazy, compact": lambda: call(compact)}, args.repeats, warmup=1)
+    st_full, st = lazypass.stats(full), lazypass.stats(compact)
+    base = med["original"]
+    ideal = base * (1 - st.macs_saved / (prog.model_macs * st.computed.shape[0]))
+    rows = [["original", f"{base * 1e3:.0f}", "1.000", "", "", ""],
+            ["lazy, batch_compute=full", f"{med['lazy, full rows'] * 1e3:.0f}", f"{med['lazy, full rows'] / base:.3f}",
+             f"{st_full.lazy_ratio:.0%}", f"{st_full.compute_saved:.0%}", ""],
+            ["lazy, batch_compute=compact", f"{med['lazy, compact'] * 1e3:.0f}", f"{med['lazy, compact'] / base:.3f}",
+             f"{st.lazy_ratio:.0%}", f"{st.compute_saved:.0%}", f"{med['lazy, compact'] / ideal:.2f}"]]
+    print(f"\n3. DiT-S/2, batch {b}, about half the rows skipping each site, eager; ideal = original x "
+          f"executed MACs share = {ideal * 1e3:.0f} ms")
+    print(tabulate(rows, headers=["variant", "ms/call", "vs original", "lazy ratio", "branch compute saved",
+                                  "vs ideal"]), flush=True)
+    return {"compact_vs_full": med["lazy, compact"] / med["lazy, full rows"],
+            "compact_vs_ideal": med["lazy, compact"] / ideal}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, load average "
+          f"{load:.1f}; {args.repeats} interleaved repeats (medians)")
+    parts = {1: part_overhead, 2: part_digits, 3: part_compact}
+    found = {}
+    for k in args.parts:
+        found.update(parts[k](args))
+    print("overhead: " + " ".join(f"{k}={v:.3f}" for k, v in found.items()))
 
 
 if __name__ == "__main__":

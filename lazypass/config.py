@@ -59,9 +59,10 @@ class LazyConfig:
             do not: ``"full"`` runs it on the whole batch and the samples that skip take their
             cached rows; ``"compact"`` gathers the samples that compute, runs the branch on
             those rows alone and scatters them back, so compute saved follows per-sample
-            decisions (rows are padded up to a power of two, so compiled graphs hold one
-            variant per power of two below the batch, whatever the decisions). Either way a
-            sample's result does not depend on the rest of its batch.
+            decisions (rows are padded up to a few fixed counts, ``passes.insert_gates.buckets``:
+            quarters of the batch and powers of two below the first, so compiled graphs hold a
+            fixed number of variants whatever the decisions). Either way a sample's result does
+            not depend on the rest of its batch.
         sync_group: name of the process group to synchronise over (``group.group_name``,
             e.g. xDiT's sequence-parallel group); default the world group.
 

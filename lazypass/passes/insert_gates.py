@@ -412,14 +412,13 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
 
 
 def buckets(batch: int) -> list[int]:
-    """Row counts a compacted branch runs at: the powers of two below the batch. More rows than
-    the largest compute the whole batch. A fixed list, so compiled graphs hold a fixed number of
+    """Row counts a compacted branch runs at: quarters of the batch and the powers of two below
+    the first quarter (8 -> 1, 2, 4, 6; 16 -> 1, 2, 4, 8, 12; 4 -> 1, 2, 3). More rows than the
+    largest compute the whole batch. A fixed list, so compiled graphs hold a fixed number of
     variants (one per bucket) whatever the number of rows that skip."""
-    out, n = [], 1
-    while n < batch:
-        out.append(n)
-        n *= 2
-    return out
+    step = max(1, batch // 4)
+    out = {q * step for q in range(1, 4)} | {2**k for k in range(batch.bit_length()) if 2**k < step}
+    return sorted(n for n in out if n < batch)
 
 
 def _on(g: fx.Graph):

@@ -113,7 +113,7 @@ def test_file_is_checked_onnx_with_state_in_its_metadata(exported):
     assert {s["name"]: (tuple(s["shape"]), s["fill"]) for s in meta["state"]} == {
         s.name: (s.shape, s.fill if np.isfinite(s.fill) else "inf") for s in specs[1:]}
     assert [e["name"] for e in meta["inputs"]] == ["x", "t", "y"] and meta["timestep"] == "t"
-    assert [r["name"] for r in meta["records"]] == ["lazy_skipped", "lazy_saved", "lazy_scores"]
+    assert [r["name"] for r in meta["records"]] == ["lazy_skipped", "lazy_saved", "lazy_scores", "lazy_computed"]
     assert [s["kind"] for s in meta["sites"]] == [s.kind for s in prog.sites]
     graph_inputs = [i.name for i in proto.graph.input]
     assert graph_inputs == ["x", "t", "y"] + [s.name for s in specs]

@@ -83,8 +83,9 @@ def test_compact_computes_the_rows_that_need_it_and_stats_count_them(name):
     assert "compute saved" in str(b)
 
 
-def test_buckets_are_powers_of_two_below_the_batch():
-    assert buckets(1) == [] and buckets(2) == [1] and buckets(8) == [1, 2, 4] and buckets(6) == [1, 2, 4]
+def test_buckets_are_a_few_fixed_row_counts_below_the_batch():
+    assert buckets(1) == [] and buckets(2) == [1] and buckets(4) == [1, 2, 3]
+    assert buckets(8) == [1, 2, 4, 6] and buckets(16) == [1, 2, 4, 8, 12] and len(buckets(1024)) == 11
 
 
 def test_compact_under_compile_one_graph_for_any_number_of_skipping_rows(monkeypatch):

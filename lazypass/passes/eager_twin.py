@@ -35,11 +35,10 @@ def _host_index(slot: torch.Tensor) -> int:
 
 
 def _put(state: torch.Tensor, index: int, new: torch.Tensor) -> torch.Tensor:
-    """``state[index] = new``, left out where ``new`` is that row already (a reused cache)."""
-    dst = state[index]
-    if not (new.data_ptr() == dst.data_ptr() and new.dtype == dst.dtype and new.shape == dst.shape
-            and new.stride() == dst.stride()):
-        dst.copy_(new)
+    """``state[index] = new``, left out where ``new`` is a view of ``state``: every read of a call
+    takes the same slot, so that view is ``state[index]`` itself (a reused cache)."""
+    if new._base is not state:
+        state[index].copy_(new)
     return state
 
 
@@ -68,11 +67,15 @@ def eager_twin(gm: fx.GraphModule, cfg: LazyConfig | None = None, *, branch: boo
     """A new graph module whose cond nodes (also inside branches) call the chosen branch."""
     graph = fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
-    attrs = {}
+    attrs, names = {}, {}
     for node in list(graph.nodes):
         if node.op == "get_attr":
             obj = operator.attrgetter(node.target)(gm)
-            attrs[node.target] = eager_twin(obj, branch=True) if isinstance(obj, fx.GraphModule) else obj
+            # one flat attribute per parameter: ``self.model.blocks.0.attn.qkv.weight`` is five
+            # ``nn.Module.__getattr__`` calls per parameter and call
+            flat = names.setdefault(node.target, f"lazy_twin_{len(names)}" if "." in node.target else node.target)
+            attrs[flat] = eager_twin(obj, branch=True) if isinstance(obj, fx.GraphModule) else obj
+            node.target = flat
         elif node.target is torch.ops.higher_order.cond:
             node.target = _direct_cond
     is_slot = (lambda n: n.op == "placeholder" and n.target == "slot") if branch else (lambda n: n.meta.get(SLOT))

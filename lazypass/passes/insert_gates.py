@@ -185,8 +185,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             # rows that computed refill the cache; rows that skipped keep it (with copies the
             # output of a skipped row is its cache, so the plain write leaves it unchanged, and the
             # eager twin leaves out the write when the branch returned the cache itself)
-            for j, (cache, out) in enumerate(zip(st.caches, outs)):
-                src = _cast(call, out, value(cache).dtype)
+            for j, (cache, out, stream) in enumerate(zip(st.caches, outs, m.streams)):
+                src = out if value(stream.y).dtype == value(cache).dtype else _cast(call, out, value(cache).dtype)
                 if forecast:
                     mask = _row_mask(call, skip, value(cache).shape[1:], batch)
                     old = row(cache)
@@ -269,7 +269,9 @@ def _finite_rows(call, node, batch, dtype):
     the leading dim."""
     rows = call(aten.reshape.default, node, [batch, -1])
     wide = {} if dtype == torch.float32 else {"dtype": torch.float32}  # a dtype= argument copies first
-    return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, **wide))
+    total = call(aten.sum.dim_IntList, rows, [1], False, **wide)
+    # s - s is 0 exactly when s is finite: two ops, where isfinite decomposes into four
+    return call(aten.eq.Scalar, call(aten.sub.Tensor, total, total), 0)
 
 
 def branch_graph(m, extra: tuple[str, ...] = ()) -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:

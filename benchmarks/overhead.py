@@ -13,11 +13,13 @@ the ratios hold on a busy machine even where the milliseconds do not.
    and 2 (CFG 2 runs cond and uncond rows in one batch of 2): full compute against the fitted
    50% gates (digits_gates_50pct_20steps.safetensors, with the options they were fitted under).
    Goal: lazy faster than full, by a margin close to the MACs saved.
+0. (``--parts 0``, load-independent) aten ops dispatched and MB written by copies per call, for
+   the variants of table 1 and for the digits DiT with its fitted gates' options.
 3. DiT-S/2 at batch 8 with about half the rows skipping each site (seeded random gate weights,
    each site's bias set so that its median row sits at the threshold on the first call):
    batch_compute="full" against "compact", and the ideal from the MACs compact executed.
 
-    PYTHONPATH=$PWD python benchmarks/overhead.py [--repeats 7] [--parts 1 2 3]
+    PYTHONPATH=$PWD python benchmarks/overhead.py [--repeats 7] [--parts 0 1 2 3]
 """
 
 import argparse
@@ -41,7 +43,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per variant; the variants take turns within every repeat."""
+    """Median seconds per variant; the variants take turns within every repeat. A variant that
+    returns a number has timed itself (to leave set-up out)."""
     for fn in variants.values():
         for _ in range(warmup):
             fn()
@@ -49,8 +52,8 @@ def interleaved(variants: dict, repeats: int, warmup: int = 1) -> dict[str, floa
     for _ in range(repeats):
         for name, fn in variants.items():
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            took = fn()
+            times[name].append(took if isinstance(took, float) else time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -78,6 +81,63 @@ def _caller(batch: int, x, y):
             model(x, t, y)
 
     return call
+
+
+_COPIES = ("aten.copy_.default", "aten.index_copy_.default", "aten.index_select.default",
+            "aten._to_copy.default", "aten.clone.default")
+
+
+def _dispatched(fn) -> tuple[int, float]:
+    """(aten ops dispatched, MB written by copy-like ops) while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.mb = 0, 0.0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops += 1
+            if str(func) in _COPIES:
+                written = args[1] if func is torch.ops.aten.copy_.default else out
+                self.mb += written.numel() * written.element_size() / 2**20
+            return out
+
+    count = Count()
+    with count, torch.no_grad():
+        fn()
+    return count.ops, count.mb
+
+
+def part_count(args) -> dict:
+    rows = []
+    original, lazy, x, y, sites, prog = _dit(2)
+    call = _caller(2, x, y)
+    call(lazy, 1.5), call(lazy, 1.5)  # caches valid
+    for name, fn in (("original", lambda: call(original)), ("lazy, never skip", lambda: call(lazy, 1.5)),
+                     ("lazy, all skip", lambda: call(lazy, -0.5))):
+        ops, mb = _dispatched(fn)
+        rows.append(["DiT-S/2, batch 2", name, ops, f"{mb:.2f}"])
+    sys.path.insert(0, str(EXAMPLES))
+    from digits_eval import gates_path, load_dit
+
+    from lazypass.checkpoint import read_gates
+    from lazypass.config import GATE_OPTIONS
+
+    plain = load_dit()
+    saved = read_gates(gates_path(0.5, 20)).config
+    lazy = lazypass.apply(copy.deepcopy(plain), **{k: saved[k] for k in GATE_OPTIONS})
+    xd, yd = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    call = _caller(1, xd, yd)
+    call(lazy, 1.5), call(lazy, 1.5)
+    for name, fn in (("original", lambda: call(plain)), ("lazy, never skip", lambda: call(lazy, 1.5)),
+                     ("lazy, all skip", lambda: call(lazy, -0.5))):
+        ops, mb = _dispatched(fn)
+        rows.append(["digits DiT, batch 1", name, ops, f"{mb:.2f}"])
+    print("\n0. per call: aten ops dispatched and MB written by copies (load-independent)")
+    print(tabulate(rows, headers=["model", "variant", "aten ops", "MB copied"]), flush=True)
+    return {}
 
 
 def part_overhead(args) -> dict:
@@ -142,21 +202,36 @@ def part_digits(args) -> dict:
 
 
 def _half_skipping(lazy, x, y, batch):
-    """Seeded random gate weights; each site's bias puts its median row at the threshold (0.5)."""
+    """Seeded random gate weights and a call that keeps half the rows of every site skipping: before
+    each timed call, every site's bias moves its median row of the previous call just below the
+    threshold (logits drift slowly from one timestep to the next)."""
     gates = lazy.lazy_gates
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in gates.parameters():
             p.zero_()
         for p in gates.weights:
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-        lazypass.set_threshold(lazy, 1.5)
-        lazypass.reset(lazy)
-        lazy(x, torch.full((batch,), 999), y)
-        logits = torch.logit(torch.as_tensor(lazypass.stats(lazy).scores[0]).double().clamp(1e-12, 1 - 1e-12))
-        gates.bias.copy_(-logits.median(dim=1).values.float() - 1e-3)
-        lazypass.set_threshold(lazy, 0.5)
-        lazypass.reset(lazy)
+            p.copy_(torch.randn(p.shape, generator=g) * 1e-3)  # logits of order 1: scores not saturated
+    step = {"n": 0}
+
+    def recentre():
+        st = lazypass.stats(lazy)
+        if st.scores.shape[0]:
+            last = torch.as_tensor(st.scores[-1]).double().clamp(1e-12, 1 - 1e-12)
+            with torch.no_grad():
+                gates.bias.sub_(torch.logit(last).median(dim=1).values.float() + 1e-3)
+
+    def call():
+        recentre()
+        t = torch.full((batch,), 999 - step["n"] % 999)
+        step["n"] += 1
+        start = time.perf_counter()
+        with torch.no_grad():
+            lazy(x, t, y)
+        return time.perf_counter() - start
+
+    lazypass.set_threshold(lazy, 0.5)
+    return call
 
 
 def part_compact(args) -> dict:
@@ -164,23 +239,24 @@ def part_compact(args) -> dict:
     original, full, x, y, sites, prog = _dit(b)
     compact = lazypass.apply(copy.deepcopy(original), batch_compute="compact")
     lazypass.trace(compact, x, torch.full((b,), 999), y)
-    _half_skipping(full, x, y, b)
-    compact.lazy_gates.load_state_dict(full.lazy_gates.state_dict())
+    run_full, run_compact = _half_skipping(full, x, y, b), _half_skipping(compact, x, y, b)
     call = _caller(b, x, y)
-    for m in (full, compact):
-        lazypass.reset(m)
-    med = interleaved({"original": lambda: call(original), "lazy, full rows": lambda: call(full),
-                       "lazy, compact": lambda: call(compact)}, args.repeats, warmup=1)
+    med = interleaved({"original": lambda: call(original), "lazy, full rows": run_full,
+                       "lazy, compact": run_compact}, args.repeats, warmup=2)
     st_full, st = lazypass.stats(full), lazypass.stats(compact)
+    timed = slice(st.computed.shape[0] - args.repeats, None)  # the timed calls (after the warm-up)
+    share = lambda s_: float((s_.computed[timed] * [x.macs for x in s_.sites]).sum()  # noqa: E731
+                             / (prog.model_macs * args.repeats))
+    ideal = med["original"] * (1 - sum(x.macs for x in sites) / prog.model_macs + share(st))
     base = med["original"]
-    ideal = base * (1 - st.macs_saved / (prog.model_macs * st.computed.shape[0]))
+    half = lambda s_: float(s_.skipped[timed].mean())  # noqa: E731
     rows = [["original", f"{base * 1e3:.0f}", "1.000", "", "", ""],
             ["lazy, batch_compute=full", f"{med['lazy, full rows'] * 1e3:.0f}", f"{med['lazy, full rows'] / base:.3f}",
-             f"{st_full.lazy_ratio:.0%}", f"{st_full.compute_saved:.0%}", ""],
+             f"{half(st_full):.0%}", f"{1 - st_full.computed[timed].mean():.0%}", ""],
             ["lazy, batch_compute=compact", f"{med['lazy, compact'] * 1e3:.0f}", f"{med['lazy, compact'] / base:.3f}",
-             f"{st.lazy_ratio:.0%}", f"{st.compute_saved:.0%}", f"{med['lazy, compact'] / ideal:.2f}"]]
-    print(f"\n3. DiT-S/2, batch {b}, about half the rows skipping each site, eager; ideal = original x "
-          f"executed MACs share = {ideal * 1e3:.0f} ms")
+             f"{half(st):.0%}", f"{1 - st.computed[timed].mean():.0%}", f"{med['lazy, compact'] / ideal:.2f}"]]
+    print(f"\n3. DiT-S/2, batch {b}, half the rows skipping each site, eager; ideal = original x share of MACs "
+          f"compact executed = {ideal * 1e3:.0f} ms")
     print(tabulate(rows, headers=["variant", "ms/call", "vs original", "lazy ratio", "branch compute saved",
                                   "vs ideal"]), flush=True)
     return {"compact_vs_full": med["lazy, compact"] / med["lazy, full rows"],
@@ -190,7 +266,7 @@ def part_compact(args) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--parts", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--parts", nargs="+", type=int, default=[0, 1, 2, 3])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     args = parser.parse_args()
     if args.threads:
@@ -198,7 +274,7 @@ def main():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, load average "
           f"{load:.1f}; {args.repeats} interleaved repeats (medians)")
-    parts = {1: part_overhead, 2: part_digits, 3: part_compact}
+    parts = {0: part_count, 1: part_overhead, 2: part_digits, 3: part_compact}
     found = {}
     for k in args.parts:
         found.update(parts[k](args))

@@ -12,7 +12,9 @@ of labels/prompts with classifier-free guidance equal those made one at a time, 
 loop that calls the transformer separately for the conditional and unconditional pass
 gets the same images as the batched pipeline.
 
-Run: PYTHONPATH=$PWD python examples/diffusers_pipeline.py
+Run: PYTHONPATH=$PWD python examples/diffusers_pipeline.py [--batch-compute compact]
+(``compact``: a branch computes only the rows that do not skip it, so the compute saved
+follows the per-sample decisions; ``lazypass.apply(..., batch_compute="compact")``.)
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ def stand_in_gates(model: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
 
+OPTIONS: dict = {}  # lazypass.apply options from the command line
+
+
 def dit_demo() -> float:
     torch.manual_seed(0)
     transformer = nonzero(DiTTransformer2DModel(
@@ -59,7 +64,7 @@ def dit_demo() -> float:
         sample_size=16, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1))
     pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=DDIMScheduler())
     pipe.set_progress_bar_config(disable=True)
-    pipe.transformer = lazypass.apply(pipe.transformer)  # (1)
+    pipe.transformer = lazypass.apply(pipe.transformer, **OPTIONS)  # (1)
 
     labels, seeds = [1, 207, 360, 980], [0, 1, 2, 3]
 
@@ -147,5 +152,11 @@ def pixart_demo() -> float:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch-compute", choices=("full", "compact"), default=None)
+    if (choice := parser.parse_args().batch_compute) is not None:
+        OPTIONS["batch_compute"] = choice
     worst = max(dit_demo(), pixart_demo())
     print(f"pipelines: batch_vs_single_and_split_cfg_max_diff={worst:.1e}")

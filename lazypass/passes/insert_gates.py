@@ -449,7 +449,7 @@ def _bucket_chain(compact, full: fx.GraphModule, m, names, batch: int) -> fx.Gra
 
 
 def _compact_graph(gm, m, names, batch: int, size: int, reused, finish, batched, dtypes) -> fx.Graph | None:
-    """F on ``size`` rows: those that compute first (a stable sort of ``skip``), padded with rows
+    """F on ``size`` rows: those that compute first, padded with rows
     that skip; their outputs are scattered over the reused rows. None where F's graph does not
     run on a subset of rows (checked on meta tensors)."""
     g = fx.Graph()
@@ -457,10 +457,12 @@ def _compact_graph(gm, m, names, batch: int, size: int, reused, finish, batched,
     extras = [g.placeholder(name) for name in names]
     skip = extras[names.index("skip")]
     call = _on(g)
-    device = value(m.streams[0].y).device
-    order = call(operator.getitem, call(aten.sort.stable, call(aten._to_copy.default, skip, dtype=torch.uint8),
-                                        stable=True), 1)
-    chosen = call(aten.slice.Tensor, order, 0, 0, size)
+    # the rows that compute, then the rows that skip, each in batch order: the top ``size`` of
+    # -2B * skip - row (topk, not sort: ONNX has TopK, and no sort of bool or uint8)
+    flags = call(aten._to_copy.default, skip, dtype=torch.float32)
+    rank = call(aten.cumsum.default, call(aten.ones_like.default, flags), 0)  # 1..B, on the rows' device
+    key = call(aten.sub.Tensor, call(aten.mul.Tensor, flags, -2.0 * batch), rank)
+    chosen = call(operator.getitem, call(aten.topk.default, key, size), 1)
     index: dict[int, fx.Node] = {}
 
     def rows_of(per_sample: int) -> fx.Node:  # row indices of the chosen samples, rows sample-major
@@ -469,7 +471,8 @@ def _compact_graph(gm, m, names, batch: int, size: int, reused, finish, batched,
                 index[1] = chosen
             else:
                 base = call(aten.mul.Tensor, call(aten.unsqueeze.default, chosen, 1), per_sample)
-                offsets = call(aten.arange.start_step, 0, per_sample, 1, dtype=torch.int64, device=device)
+                ones = call(aten.new_ones.default, chosen, [per_sample])
+                offsets = call(aten.sub.Scalar, call(aten.cumsum.default, ones, 0), 1)  # 0..per_sample-1
                 index[per_sample] = call(aten.reshape.default, call(aten.add.Tensor, base, offsets), [-1])
         return index[per_sample]
 

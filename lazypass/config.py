@@ -61,8 +61,10 @@ class LazyConfig:
             those rows alone and scatters them back, so compute saved follows per-sample
             decisions (rows are padded up to a few fixed counts, ``passes.insert_gates.buckets``:
             quarters of the batch and powers of two below the first, so compiled graphs hold a
-            fixed number of variants whatever the decisions). Either way a sample's result does
-            not depend on the rest of its batch.
+            fixed number of variants whatever the decisions); ``"auto"`` (default): compact at
+            4 samples per call or more, where it measured faster (``benchmarks/overhead.py
+            --parts 3``), full below. Either way a sample's result does not depend on the rest
+            of its batch.
         sync_group: name of the process group to synchronise over (``group.group_name``,
             e.g. xDiT's sequence-parallel group); default the world group.
 
@@ -85,7 +87,7 @@ class LazyConfig:
     gate_inputs: tuple[str, ...] = ("age", "drift")
     sync_decisions: bool | str | None = None
     sync_group: str | None = None
-    batch_compute: str = "full"
+    batch_compute: str = "auto"
 
     def __post_init__(self):
         if self.rho_attn is None:
@@ -129,6 +131,10 @@ class LazyConfig:
                 f"sync_group must be a process group's name (group.group_name), got {self.sync_group!r}"
             )
 
+    def compacts(self, batch: int) -> bool:
+        """Whether branches compute only the rows that need them, for ``batch`` samples per call."""
+        return self.batch_compute == "compact" or (self.batch_compute == "auto" and batch >= COMPACT_FROM)
+
     @property
     def cache_torch_dtype(self) -> torch.dtype | None:
         return _DTYPES.get(self.cache_dtype) if self.cache_dtype else None
@@ -161,7 +167,8 @@ class LazyConfig:
 GATE_OPTIONS = ("max_age", "reuse", "granularity", "gate_inputs")
 GATE_INPUTS = ("age", "drift")
 REUSE = ("copy", "forecast")
-BATCH_COMPUTE = ("full", "compact")
+BATCH_COMPUTE = ("auto", "full", "compact")
+COMPACT_FROM = 4  # batch_compute="auto" compacts from this many samples per call
 
 
 def check_threshold(threshold) -> float:

@@ -174,7 +174,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 t_fill, t_prev, has_prev = row(st.t_fill), row(st.t_prev), row(st.has_prev)
                 extra = [_forecast_factor(call, t, t_fill, t_prev, has_prev)]
             reuse, decide = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
-                                      cfg.batch_compute)
+                                      "compact" if cfg.compacts(batch) else "full")
             operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, anyone] + extra)
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             n_out = len(m.streams)

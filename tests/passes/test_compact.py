@@ -69,8 +69,8 @@ def test_compact_batch_equals_batch_of_one(name):
 @pytest.mark.parametrize("name", ["ref_dit", "sd3"])
 def test_compact_computes_the_rows_that_need_it_and_stats_count_them(name):
     arch = ARCHS[name]
-    full = _lazy(arch)
-    compact = _lazy(arch, batch_compute="compact")
+    full = _lazy(arch, batch_compute="full")
+    compact = _lazy(arch)  # "auto": compact from 4 samples per call
     compact.lazy_gates.load_state_dict(full.lazy_gates.state_dict())
     for x, y in zip(_run(full, arch), _run(compact, arch)):
         assert_batch_close(x, y)
@@ -81,6 +81,15 @@ def test_compact_computes_the_rows_that_need_it_and_stats_count_them(name):
     assert b.compute_saved > a.compute_saved and b.macs_saved > a.macs_saved
     assert b.compute_saved == pytest.approx(1 - b.computed.mean())
     assert "compute saved" in str(b)
+
+
+def test_auto_compacts_from_four_samples_per_call():
+    arch = ARCHS["ref_dit"]
+    for batch, compacted in ((2, False), (4, True)):
+        model = _lazy(arch, batch=batch)
+        _run(model, arch, batch=batch)
+        computed = lazypass.stats(model).computed
+        assert ((computed > 0) & (computed < 1)).any() == compacted
 
 
 def test_buckets_are_a_few_fixed_row_counts_below_the_batch():
@@ -119,5 +128,5 @@ def test_compact_under_compile_one_graph_for_any_number_of_skipping_rows(monkeyp
 
 
 def test_batch_compute_must_be_known():
-    with pytest.raises(ValueError, match="batch_compute must be one of .*'full', 'compact'.*got 'rows'"):
+    with pytest.raises(ValueError, match="batch_compute must be one of .*'auto', 'full', 'compact'.*got 'rows'"):
         lazypass.apply(ARCHS["ref_dit"].build(), batch_compute="rows")

@@ -22,7 +22,7 @@ import math
 import torch
 import torch.fx as fx
 
-from lazypass.ops import shape
+from lazypass.ops import shape, value
 
 aten = torch.ops.aten
 EPS = 1e-6
@@ -38,7 +38,8 @@ def token_sums(call, m, batch: int, sync=None) -> list[tuple[fx.Node, int]]:
         if len(zs) != 3 or zs[0] != batch:
             z = call(aten.reshape.default, z, [batch, -1, zs[-1]])
         # a dtype= argument makes sum copy its input first, even to the same dtype
-        wide = {} if s.z.meta.get("val") is not None and s.z.meta["val"].dtype == torch.float32 else {"dtype": torch.float32}
+        fp32 = getattr(value(s.z), "dtype", None) == torch.float32
+        wide = {} if fp32 else {"dtype": torch.float32}
         summed = call(aten.sum.dim_IntList, z, [1], False, **wide)
         if sync is not None and sync[0] == "sharded":
             from lazypass.distributed import all_reduce

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lazypass
+from lazypass.ops import value
 from lazypass.runtime import runtime, traced_program
 from tests.archs import ARCHS, BATCH_TOL, assert_batch_close, random_gates
 
@@ -75,10 +76,13 @@ def test_scores_are_fp32_in_the_graph_and_at_run_time(arch, dtype, cast_after_ap
     assert runtime(model).state.records[-1][2].dtype == torch.float32
     core = traced_program(model).core
     graph = core.graph
+    # the threshold is compared with the logits; one sigmoid turns the stacked logits into scores
     sigmoids = [n for n in graph.nodes if n.target == aten.sigmoid.default]
-    assert len(sigmoids) == len(model.lazy_gates.layout)
-    for sig in sigmoids:
-        terms, leaves = [sig.args[0]], []  # logit = sum of mv terms (one per stream), bias, features
+    assert len(sigmoids) == 1 and sigmoids[0].args[0].target == aten.stack.default
+    logits = sigmoids[0].args[0].args[0]
+    assert len(logits) == len(model.lazy_gates.layout)
+    for logit in dict.fromkeys(logits):
+        terms, leaves = [logit], []  # logit = sum of mv terms (one per stream), bias, features
         while terms:
             node = terms.pop()
             if node.target == aten.add.Tensor:
@@ -90,7 +94,12 @@ def test_scores_are_fp32_in_the_graph_and_at_run_time(arch, dtype, cast_after_ap
         assert all(n.target in (aten.mv.default, aten.select.int, aten.mul.Tensor) for n in leaves)
         for mv in products:
             summed, weight = mv.args
-            assert summed.target == aten.sum.dim_IntList and summed.kwargs["dtype"] == torch.float32
+            source = summed.args[0]
+            while value(source) is None:  # the (B, tokens, D) view token_sums adds
+                source = source.args[0]
+            # sums in fp32: summed as fp32 where Z is fp32 already, else with dtype=float32
+            assert summed.target == aten.sum.dim_IntList
+            assert summed.kwargs.get("dtype", value(source).dtype) == torch.float32
             if weight.op == "get_attr":  # gates kept in fp32 are read as they are
                 assert operator.attrgetter(weight.target)(core).dtype == torch.float32
             else:

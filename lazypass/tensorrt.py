@@ -20,7 +20,7 @@ call), and an engine with conditionals cannot be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 
 import numpy as np
@@ -93,7 +93,7 @@ class Runner(_onnx.Runner):
                              f"move it there (.to({str(self.device)!r}))")
         want = _TORCH[entry["dtype"]]
         if value.dtype != want:
-            same_kind = value.is_floating_point() == want.is_floating_point() and \
+            same_kind = value.dtype.is_floating_point == want.is_floating_point and \
                 (value.dtype == torch.bool) == (want == torch.bool)
             if not same_kind:
                 raise TypeError(f"input {name!r} has dtype {value.dtype}, the model was exported with {want}")
@@ -123,13 +123,15 @@ class Runner(_onnx.Runner):
 
 
 class _Trt:
-    """The engine, its execution context and the twin buffers of the state outputs."""
+    """The engine, its execution context and the twin buffers of the state outputs. (A CPU
+    device is for the tests' stand-in engine, which runs onnxruntime on the bound memory.)"""
 
     def __init__(self, trt, path: str, meta: dict, device: torch.device):
         with open(path, "rb") as f:
             blob = f.read()
         self.device = device
-        with torch.cuda.device(device):
+        cuda = device.type == "cuda"
+        with torch.cuda.device(device) if cuda else contextlib.nullcontext():
             self.logger = trt.Logger(trt.Logger.WARNING)
             self.runtime = trt.Runtime(self.logger)
             self.engine = self.runtime.deserialize_cuda_engine(blob)
@@ -137,7 +139,7 @@ class _Trt:
                 raise FormatError(f"TensorRT {trt.__version__} cannot load {path!r} (built by TensorRT "
                                   f"{meta['tensorrt'].get('version')}; engines are tied to the release and the GPU)")
             self.context = self.engine.create_execution_context()
-            self.stream = torch.cuda.Stream(device)
+            self.stream = torch.cuda.Stream(device) if cuda else None
         self.inputs, self.outputs = [], []
         io_in, io_out = {}, {}
         for k in range(self.engine.num_io_tensors):
@@ -171,11 +173,13 @@ class _Trt:
                 buf = torch.empty(shape, dtype=_TORCH[dtype], device=self.device)
             ctx.set_tensor_address(name, buf.data_ptr())
             outs[name] = buf
-        current = torch.cuda.current_stream(self.device)
-        self.stream.wait_stream(current)  # inputs written on the caller's stream
-        if not ctx.execute_async_v3(self.stream.cuda_stream):
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.device)
+            self.stream.wait_stream(current)  # inputs written on the caller's stream
+        if not ctx.execute_async_v3(self.stream.cuda_stream if self.stream is not None else 0):
             raise RuntimeError("TensorRT's execute_async_v3 failed (its log says why)")
-        current.wait_stream(self.stream)  # outputs read on the caller's stream
+        if self.stream is not None:
+            current.wait_stream(self.stream)  # outputs read on the caller's stream
         for state in self.state_of.values():
             self.twin[state] = feeds[state]  # read this call, written by the next
         return outs

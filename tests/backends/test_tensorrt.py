@@ -194,6 +194,61 @@ def test_checker_reports_what_cannot_be_adapted():
     assert any("rank 1 in one branch, 2 in the other" in p for p in check_if_constraints(adapt_if(ranks)))
 
 
+# -- the engine runner over a stand-in engine (onnxruntime on the bound memory, CPU) -----
+
+def _stand_in(path, tmp_path):
+    """``lazypass.tensorrt``'s Runner and engine wrapper over ``_fake_tensorrt``: everything
+    but TensorRT's kernels (see that module)."""
+    from lazypass.tensorrt import Runner, _Trt
+    from tests.backends import _fake_tensorrt
+
+    engine = tmp_path / "stand_in.engine"
+    engine.write_bytes(open(path, "rb").read())
+    meta = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["lazypass"])
+    meta["tensorrt"] = {"version": _fake_tensorrt.__version__}
+    cpu = torch.device("cpu")
+    return Runner(str(engine), meta, _Trt(_fake_tensorrt, str(engine), meta, cpu), cpu)
+
+
+def test_runner_binds_and_threads_state_like_the_onnx_runner(prepared, tmp_path):
+    arch, model, path = prepared
+    runner = _stand_in(path, tmp_path)
+    check_parity(arch, model, runner)  # two runs in a row: the second starts in the engine (timestep rises)
+    assert runner.engine.context.calls == 2 * 10
+
+
+def test_state_lives_in_two_buffers_that_swap(prepared, tmp_path):
+    arch, _, path = prepared
+    runner = _stand_in(path, tmp_path)
+    (x, t, y), _ = arch.inputs(2, 900, 0)
+    ptrs = {name: [] for name in runner.state}
+    for step in (900, 800, 700, 600):
+        runner(x, torch.full_like(t, step), y)
+        for name, value in runner.state.items():
+            assert isinstance(value, torch.Tensor)
+            ptrs[name].append(value.data_ptr())
+    for name, p in ptrs.items():
+        assert p[0] == p[2] and p[1] == p[3] and p[0] != p[1], name
+    assert runner.threshold == pytest.approx(0.5)
+    runner.set_threshold(1.5)
+    runner.reset()
+    runner(x, torch.full_like(t, 900), y)
+    runner(x, torch.full_like(t, 800), y)
+    assert runner.skipped().shape == (2, len(runner.sites), 2) and not runner.skipped().any()
+
+
+def test_runner_input_errors(prepared, tmp_path):
+    arch, _, path = prepared
+    runner = _stand_in(path, tmp_path)
+    (x, t, y), _ = arch.inputs(2, 900, 0)
+    with pytest.raises(TypeError, match="torch CUDA tensors"):
+        runner(x.numpy(), t, y)
+    with pytest.raises(ValueError, match="built for"):
+        runner(x[:1], t[:1], y[:1])
+    with pytest.raises(TypeError, match="dtype"):
+        runner(x, t, y.float())
+
+
 # -- errors without TensorRT or a GPU --------------------------------------------------
 
 def test_export_without_tensorrt_says_how_to_install(monkeypatch, tmp_path):

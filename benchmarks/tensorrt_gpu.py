@@ -218,7 +218,6 @@ def profile(runner, x16, yc, b):
                       "largest": [[k, v] for k, v in top]}
         print(f"profile, {label}: {len(layers.ms)} layers reported, {sum(layers.ms.values()):.2f} ms summed; "
               f"largest {[(k[:60], round(v, 3)) for k, v in top[:4]]}", flush=True)
-    runner.engine.context.profiler = None
     out["skipped"] = runner.skipped().tolist()
     return out
 

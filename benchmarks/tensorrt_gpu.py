@@ -206,11 +206,13 @@ def profile(runner, x16, yc, b):
         def report_layer_time(self, layer_name, ms):
             self.ms[layer_name] = self.ms.get(layer_name, 0.0) + ms
 
-    out = {}
+    out, keep = {}, []
     runner.reset()
     for label, t, threshold in (("computing call", 900, 1.5), ("reusing call", 800, -0.5)):
         runner.set_threshold(threshold)
-        runner.engine.context.profiler = layers = Layers()
+        layers = Layers()
+        keep.append(layers)  # alive while the context may call it
+        runner.engine.context.profiler = layers
         runner(x16, torch.full((b,), t, device="cuda"), yc)
         torch.cuda.synchronize()
         top = sorted(layers.ms.items(), key=lambda kv: -kv[1])[:8]

@@ -145,11 +145,12 @@ def prepare_onnx(
                         example_kwargs=example_kwargs)
     proto = onnx.load(path, load_external_data=False)  # the weights (and any external data file) stay as they are
     adapt_if(proto)
-    problems = check_if_constraints(proto)
+    problems = check_if_constraints(proto) + check_op_types(proto)
     if problems:
         for f in files:
             os.remove(f)
-        raise TensorRTConstraintError("the exported graph cannot meet TensorRT's If rules: " + "; ".join(problems[:8]))
+        raise TensorRTConstraintError("the exported graph cannot meet TensorRT's parser's rules: "
+                                      + "; ".join(problems[:8]))
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".lazypass-", suffix=".onnx")
     os.close(fd)
     try:
@@ -356,6 +357,46 @@ def _defined_deep(g) -> set:
     return names
 
 
+# Element types TensorRT's ONNX parser takes for the data input of the ops the exporter
+# emits (onnx-tensorrt, docs/operators.md, TensorRT 10.x); ops not listed are not checked.
+_FP = ("FLOAT", "FLOAT16", "BFLOAT16")
+_NUM = _FP + ("INT32", "INT64")
+OP_TYPES = {
+    **{op: _FP for op in ("Clip", "Conv", "Cos", "Einsum", "Erf", "Exp", "Gemm", "LayerNormalization", "MatMul",
+                          "Pow", "Sigmoid", "Sin", "Softmax", "Sqrt", "Tanh")},
+    **{op: _NUM for op in ("Abs", "Add", "Div", "Equal", "Greater", "GreaterOrEqual", "Less", "LessOrEqual", "Max",
+                           "Min", "Mul", "Neg", "ReduceL2", "ReduceMax", "ReduceMean", "ReduceMin", "ReduceSum",
+                           "ScatterND", "Sub")},
+    **{op: ("BOOL",) for op in ("And", "Not", "Or", "Xor")},
+}
+
+
+def check_op_types(model) -> list[str]:
+    """Nodes whose data input has an element type TensorRT's parser does not take for that
+    op (``OP_TYPES``); ``[]`` when none. ``adapt_if`` rewrites the ones the exporter emits
+    (bool ``ScatterND``, int ``Clip``).
+
+    Example:
+        >>> check_op_types(onnx.load("dit_trt.onnx"))  # doctest: +SKIP
+        []
+    """
+    types = _types(model)
+    problems = []
+
+    def walk(g, where):
+        for n in g.node:
+            allowed = OP_TYPES.get(n.op_type)
+            if allowed and n.input and n.input[0]:
+                kind = _type_name(_elem(types.get(n.input[0])))
+                if kind not in allowed:
+                    problems.append(f"{where}: {n.op_type} {n.name!r} on {kind}; TensorRT's parser takes {list(allowed)}")
+            for name, sub in _sub_graphs(n):
+                walk(sub, f"{where}/{n.name or n.op_type}.{name}")
+
+    walk(model.graph, "graph")
+    return problems
+
+
 def adapt_if(model):
     """Rewrite ``model`` (in place; returned) so that its ``If`` nodes meet TensorRT's rules
     where a rewrite can (see the module docstring); what cannot be adapted stays and
@@ -382,6 +423,9 @@ def adapt_if(model):
         for n in g.node:
             for _, sub in _sub_graphs(n):
                 rewrite(sub)
+            if n.op_type in ("ScatterND", "Clip"):
+                nodes += _typed_for_tensorrt(n, types, fresh)
+                continue
             if n.op_type != "If":
                 nodes.append(n)
                 continue
@@ -401,6 +445,32 @@ def adapt_if(model):
 
     rewrite(model.graph)
     return model
+
+
+def _typed_for_tensorrt(n, types, fresh) -> list:
+    """A bool ``ScatterND`` as an int32 one between casts; an integer ``Clip`` as
+    ``Min(Max(x, lo), hi)`` (the parser's ScatterND has no bool, its Clip only floats).
+    The same values either way; other nodes are returned as they are."""
+    from onnx import TensorProto, helper
+
+    kind = _elem(types.get(n.input[0]))
+    if n.op_type == "ScatterND" and kind == TensorProto.BOOL and not any(a.name == "reduction" for a in n.attribute):
+        data, updates, wide = fresh("scatter_data"), fresh("scatter_updates"), fresh("scatter_int32")
+        return [helper.make_node("Cast", [n.input[0]], [data], to=TensorProto.INT32, name=data),
+                helper.make_node("Cast", [n.input[2]], [updates], to=TensorProto.INT32, name=updates),
+                helper.make_node("ScatterND", [data, n.input[1], updates], [wide], name=wide),
+                helper.make_node("Cast", [wide], [n.output[0]], to=TensorProto.BOOL, name=wide + "_bool")]
+    if n.op_type == "Clip" and kind in (TensorProto.INT32, TensorProto.INT64):
+        nodes, x = [], n.input[0]
+        bounds = list(n.input[1:3]) + [""] * (3 - len(n.input))
+        for op, bound in (("Max", bounds[0]), ("Min", bounds[1])):
+            if bound:
+                out = fresh(f"clip_{op.lower()}")
+                nodes.append(helper.make_node(op, [x, bound], [out], name=out))
+                x = out
+        nodes.append(helper.make_node("Identity", [x], [n.output[0]], name=fresh("clip")))
+        return nodes
+    return [n]
 
 
 def _unique_names(g, outer_defined: set, fresh) -> None:
@@ -565,5 +635,5 @@ def _write(path: str, engine, meta: dict) -> list[str]:
     return written
 
 
-__all__ = ["TensorRTConstraintError", "adapt_if", "build_engine", "check_if_constraints", "export_tensorrt",
-           "import_tensorrt", "prepare_onnx"]
+__all__ = ["OP_TYPES", "TensorRTConstraintError", "adapt_if", "build_engine", "check_if_constraints",
+           "check_op_types", "export_tensorrt", "import_tensorrt", "prepare_onnx"]

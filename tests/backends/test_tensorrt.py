@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lazypass
-from lazypass.backends.tensorrt import adapt_if, check_if_constraints, prepare_onnx
+from lazypass.backends.tensorrt import adapt_if, check_if_constraints, check_op_types, prepare_onnx
 from lazypass.runtime import traced_program
 from tests.archs import ARCHS
 
@@ -63,7 +63,7 @@ def test_graph_for_the_parser_meets_every_if_rule(prepared):
     _, model, path = prepared
     proto = onnx.load(path)
     onnx.checker.check_model(proto, full_check=True)
-    assert check_if_constraints(proto) == []
+    assert check_if_constraints(proto) == [] and check_op_types(proto) == []
     sites = len(traced_program(model).sites)
     top = [n for n in proto.graph.node if n.op_type == "If"]
     assert len(top) == sites and len(_ifs(proto.graph)) == 2 * sites  # the decisions are in the graph
@@ -74,6 +74,16 @@ def test_graph_for_the_parser_meets_every_if_rule(prepared):
         assert cond.elem_type == TensorProto.BOOL and len(cond.shape.dim) == 0
     meta = json.loads({p.key: p.value for p in proto.metadata_props}["lazypass"])
     assert meta["flavour"] == "dynamic" and [s["name"] for s in meta["state"]][0] == "lazy_last_t"
+
+
+def test_the_plain_export_needed_the_adaptation(prepared, tmp_path):
+    """The exporter's own graph has ops the parser does not take on their types (the valid
+    flags scattered as bool, the cache slot index clamped as int64); the prepared one not."""
+    _, model, _ = prepared
+    path = str(tmp_path / "plain.onnx")
+    lazypass.export_onnx(model, path)
+    problems = " | ".join(check_op_types(onnx.load(path)))
+    assert "ScatterND" in problems and "on BOOL" in problems and "Clip" in problems
 
 
 def test_onnxruntime_runs_the_adapted_graph_like_the_eager_model(prepared):
@@ -87,7 +97,8 @@ def test_diffusers_models_adapt_and_match(name, tmp_path):
     arch, model, args, kwargs = _lazy(name)
     path = str(tmp_path / f"{name}.onnx")
     prepare_onnx(model, path, example_inputs=args, example_kwargs=kwargs)
-    assert check_if_constraints(onnx.load(path)) == []
+    proto = onnx.load(path)
+    assert check_if_constraints(proto) == [] and check_op_types(proto) == []
     check_parity(arch, model, lazypass.onnx.load(path))
 
 
@@ -97,7 +108,7 @@ def test_fp16_graph_meets_the_rules(tmp_path):
     path = str(tmp_path / "ref_dit_fp16.onnx")
     prepare_onnx(model, path, example_inputs=args, fp16=True)
     proto = onnx.load(path)
-    assert check_if_constraints(proto) == []
+    assert check_if_constraints(proto) == [] and check_op_types(proto) == []
     err, st, skipped = trajectories(arch, model, lazypass.onnx.load(path))
     assert err < 2e-2 and (skipped == st.skipped).mean() > 0.9
 
@@ -177,6 +188,44 @@ def test_adaptation_fixes_it_and_keeps_the_results(passthrough):
         for g, w in zip(got, want[c]):
             np.testing.assert_array_equal(g, w)
     assert not np.array_equal(want[True][0], want[False][0])  # the two branches do differ
+
+
+def _typed_graph():
+    """A bool ScatterND and an int64 Clip with only an upper bound, as the exporter writes them."""
+    flags = helper.make_tensor_value_info("flags", TensorProto.BOOL, [3, 2])
+    idx = helper.make_tensor_value_info("idx", TensorProto.INT64, [1, 1])
+    upd = helper.make_tensor_value_info("upd", TensorProto.BOOL, [1, 2])
+    k = helper.make_tensor_value_info("k", TensorProto.INT64, [])
+    hi = helper.make_tensor("hi", TensorProto.INT64, [], [1])
+    nodes = [helper.make_node("ScatterND", ["flags", "idx", "upd"], ["flags_next"]),
+             helper.make_node("Clip", ["k", "", "hi"], ["k_clamped"])]
+    graph = helper.make_graph(nodes, "g", [flags, idx, upd, k],
+                              [helper.make_tensor_value_info("flags_next", TensorProto.BOOL, [3, 2]),
+                               helper.make_tensor_value_info("k_clamped", TensorProto.INT64, [])], [hi])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def test_op_types_the_parser_lacks_are_rewritten_with_the_same_results():
+    m = _typed_graph()
+    problems = " | ".join(check_op_types(m))
+    assert "ScatterND" in problems and "Clip" in problems
+    rng = np.random.default_rng(0)
+    feeds = [{"flags": rng.random((3, 2)) > 0.5, "idx": np.array([[i]]), "upd": rng.random((1, 2)) > 0.5,
+              "k": np.array(k)} for i, k in ((0, -4), (2, 1), (1, 5))]
+    run = lambda model, f: ort.InferenceSession(model.SerializeToString(),  # noqa: E731
+                                                providers=["CPUExecutionProvider"]).run(None, f)
+    want = [run(m, f) for f in feeds]
+    adapt_if(m)
+    onnx.checker.check_model(m, full_check=True)
+    assert check_op_types(m) == [] and {n.op_type for n in m.graph.node} >= {"Min", "Cast"}
+    for f, w in zip(feeds, want):
+        got = run(m, f)
+        for g, x in zip(got, w):
+            assert g.dtype == x.dtype
+            np.testing.assert_array_equal(g, x)
+    assert [int(w[1]) for w in want] == [-4, 1, 1]  # the clamp did clamp
 
 
 def test_checker_reports_what_cannot_be_adapted():
@@ -362,17 +411,18 @@ def test_a_reusing_call_runs_fewer_layers(engine):
 
     args, _ = arch.inputs(2, 900, 0)
     args = [a.cuda() for a in args]
-    runner.set_threshold(1.5)  # scores are below 1: compute
     profiles = []
-    for t, threshold in ((900, 1.5), (800, -0.5)):  # then reuse (scores are above -0.5)
+    for t, threshold in ((900, 1.5), (800, -0.5)):  # compute (scores < 1.5), then reuse (scores > -0.5)
         runner.set_threshold(threshold)
-        runner.engine.context.profiler = profile = Profile()
+        profile = Profile()
+        profiles.append(profile)  # kept alive while the context may call it
+        runner.engine.context.profiler = profile
         runner(args[0], torch.full_like(args[1], t), args[2])
         torch.cuda.synchronize()
-        profiles.append(profile.layers)
     skipped = runner.skipped()
     assert not skipped[0].any() and skipped[1].all()
-    assert sum(profiles[1].values()) < sum(profiles[0].values()), (len(profiles[0]), len(profiles[1]))
+    computing, reusing = profiles[0].layers, profiles[1].layers
+    assert computing and sum(reusing.values()) < sum(computing.values()), (len(computing), len(reusing))
 
 
 @needs_gpu

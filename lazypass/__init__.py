@@ -54,9 +54,9 @@ __all__ = [
     "report",
     "reset",
     "save_gates",
-    "tensorrt",
     "set_threshold",
     "stats",
+    "tensorrt",
     "trace",
     "trajectory",
 ]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -94,7 +95,7 @@ def pct(r: float) -> str:
 
 def entries(args) -> list[Entry]:
     out = []
-    counts = range(args.min_steps, 21)
+    counts = args.baseline_steps or range(args.min_steps, 21)
     for n in counts:
         out.append(Entry(f"DDIM-{n}", "DDIM", n))
     for solver in SOLVERS:
@@ -255,8 +256,15 @@ class Bench:
 
     # cached per (method, seed)
     def _path(self, e: Entry, seed: int) -> Path:
+        """Result file; learned and best-fixed results name the gate / schedule file's content
+        hash, so refitted gates or a new search are measured again, never read from the cache."""
         safe = e.name.replace(" ", "_").replace("/", "-").replace("%", "pct").replace("(", "").replace(")", "")
-        return self.results_dir / f"{safe}_s{seed}_n{self.args.samples}.json"
+        source = self.gate_path(e) if e.part == "learned" else schedule_path(e.ratio, e.steps) if (
+            e.part == "best_fixed") else None  # fmt: skip
+        tag = ""
+        if source is not None:
+            tag = "_" + (hashlib.sha256(source.read_bytes()).hexdigest()[:10] if source.exists() else "missing")
+        return self.results_dir / f"{safe}{tag}_s{seed}_n{self.args.samples}.json"
 
     def cached(self, e: Entry, seed: int) -> dict | None:
         p = self._path(e, seed)
@@ -294,6 +302,8 @@ class Bench:
         hit = self.cached(e, seed)
         if hit is not None:
             return hit
+        if e.part == "learned":
+            self.gate_file(e)  # fitted first, so the result is saved under its gates' hash
         noise, labels = eval_noise(seed, self.args.samples)
         start = time.perf_counter()
         skipped, extra = None, {}
@@ -333,11 +343,15 @@ class Bench:
         return res
 
     # -- learned gates
-    def gate_file(self, e: Entry) -> Path:
+    def gate_path(self, e: Entry) -> Path:
+        """The committed gate file where it exists (unless --refit), else one fitted under --out/gates."""
         committed = gates_path(e.ratio, e.steps)
         if committed.exists() and not self.args.refit:
             return committed
-        path = self.args.out / "gates" / committed.name
+        return self.args.out / "gates" / committed.name
+
+    def gate_file(self, e: Entry) -> Path:
+        path = self.gate_path(e)
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             model = lazypass.apply(load_dit())
@@ -444,12 +458,12 @@ def table(rows: list[dict], tablefmt="simple") -> str:
     for r in rows:
         e = r["entry"]
         out.append([
-            e.name, e.steps, f"{r['lazy']:.1%}" if e.part != "baselines" else "-", f"{r['macs'] / 1e6:.1f}",
+            e.name, e.steps, r["n"], f"{r['lazy']:.1%}" if e.part != "baselines" else "-", f"{r['macs'] / 1e6:.1f}",
             fmt(r["fd"]), f"{fmt(r['psnr'])} vs {r['psnr_ref']}" if "psnr" in r else "-",
             fmt(r["ddim_eq"]) if "ddim_eq" in r else "-", fmt(r["best_eq"]) if "best_eq" in r else "-",
             fmt(r["gap"]) if "gap" in r else "-",
         ])  # fmt: skip
-    headers = ["method", "steps", "lazy (MACs)", "MMACs/image", "FD", "PSNR dB", "DDIM FD @eq MACs",
+    headers = ["method", "steps", "seeds", "lazy (MACs)", "MMACs/image", "FD", "PSNR dB", "DDIM FD @eq MACs",
                "best solver FD @eq", "gap closed"]  # fmt: skip
     return tabulate(out, headers=headers, tablefmt=tablefmt)
 
@@ -509,6 +523,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS_20), help="lazy ratios at 20 steps")
     p.add_argument("--oracle-ratios", type=float, nargs="+", default=[0.5], help="oracle ratios at 20 steps (plus 30%%/10)")
     p.add_argument("--min-steps", type=int, default=5, help="shortest DDIM / solver run")
+    p.add_argument("--baseline-steps", type=int, nargs="+", default=None,
+                   help="run the baselines at these step counts only (default min-steps..20)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 20 steps 50%% and 10 steps 30%% only, "
                    "no fitting (committed gates), baselines at 5, 7, 10, 20 steps")  # fmt: skip
     p.add_argument("--refit", action="store_true", help="fit every learned point (ignore the committed gate files)")
@@ -525,7 +541,7 @@ def main(argv=None) -> list[dict]:
     args.ratios = [2 / 3 if abs(r - 2 / 3) < 0.01 else r for r in args.ratios]
     es = entries(args)
     if args.quick:
-        es = [e for e in es if e.part != "baselines" or e.steps in (5, 7, 10, 20)]
+        es = [e for e in es if e.part != "baselines" or e.steps in (5, 7, 10, 20)]  # fmt: skip
         es = [e for e in es if e.part != "learned" or gates_path(e.ratio, e.steps).exists()]
     bench = Bench(args)
     results = {}

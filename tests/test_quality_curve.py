@@ -54,3 +54,23 @@ def test_quick_mode_smoke(tmp_path):
         if r["entry"].part != "baselines":
             assert 0 < r["lazy"] < 1 and np.isfinite(r["psnr"][0]) and "gap" in r and np.isfinite(r["gap"][0])
     assert (tmp_path / "curve.png").stat().st_size > 10_000 and (tmp_path / "table.md").exists()
+
+
+def test_oracle_extremes_match_the_fixed_runs():
+    """tau = inf reuses every step after the first, tau = 0 never: both equal the fixed tables."""
+    import torch
+
+    from digits_eval import load_dit
+    from digits_fixed import FixedRunner
+
+    torch.set_num_threads(1)
+    model = load_dit()
+    oracle, runner = qc.Oracle(model), FixedRunner(model, "forecast")
+    noise, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([4, 5, 6])
+    every = np.ones((5, len(runner.sites)), dtype=bool)
+    every[0] = False
+    for tau, table in ((math.inf, every), (0.0, np.zeros_like(every))):
+        images, decisions = oracle.sample(noise, labels, 5, tau)
+        want, _ = runner.sample(table, noise, labels)
+        assert decisions.shape == (5, 3) and (decisions == table[:, :1]).all()
+        torch.testing.assert_close(images, want, atol=1e-5, rtol=1e-5)

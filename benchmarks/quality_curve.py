@@ -98,7 +98,7 @@ def entries(args) -> list[Entry]:
     counts = args.baseline_steps or range(args.min_steps, 21)
     for n in counts:
         out.append(Entry(f"DDIM-{n}", "DDIM", n))
-    for solver in SOLVERS:
+    for solver in args.solvers:
         for n in counts:
             out.append(Entry(f"{solver}-{n}", solver, n))
     for ratio, steps in HEADLINE:
@@ -284,9 +284,13 @@ class Bench:
     def spacing(self) -> dict:
         if self._spacing is None:
             p = self.args.out / "results" / f"solver_spacing_n{self.args.spacing_samples}.json"
+            lock = p.with_suffix(".lock")
+            while not p.exists() and lock.exists():  # another run of this script is choosing it
+                time.sleep(5)
             if p.exists():
                 self._spacing = json.loads(p.read_text())
             else:
+                lock.touch()
                 noise, labels = eval_noise(SPACING_SEED, self.args.spacing_samples)
                 choice, scores = {}, {}
                 for solver in SOLVERS:
@@ -296,6 +300,7 @@ class Bench:
                     choice[solver] = min(("leading", "linspace", "trailing"), key=lambda s: scores[f"{solver} {s}"])
                 self._spacing = dict(choice=choice, fd_sum_7_10=scores)
                 p.write_text(json.dumps(self._spacing, indent=1))
+                lock.unlink()
         return self._spacing["choice"]
 
     def run(self, e: Entry, seed: int) -> dict:
@@ -480,13 +485,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         key = r["entry"].family + (f" ({r['entry'].steps} steps)" if r["entry"].part not in ("baselines",) else "")
         families.setdefault(key, []).append(r)
     styles = {"DDIM": ("k", "-", "o"), "DPM++(2M)": ("tab:blue", "--", "s"), "UniPC": ("tab:cyan", "--", "^")}
+    colors = {"spread-copy": "tab:olive", "spread-forecast": "tab:green", "alternating-copy": "tab:brown",
+              "alternating-forecast": "tab:purple", "best-fixed": "tab:orange", "learned": "tab:red",
+              "oracle": "tab:pink"}  # fmt: skip
     for k, (key, rs) in enumerate(sorted(families.items())):
         rs = sorted(rs, key=lambda r: r["macs"])
-        fam = rs[0]["entry"].family
-        color, ls, marker = styles.get(fam, (f"C{k % 10}", "-" if len(rs) > 1 else "none", "D"))
+        fam, steps = rs[0]["entry"].family, rs[0]["entry"].steps
+        color, ls, marker = styles.get(fam, (colors.get(fam, f"C{k % 10}"), "-" if len(rs) > 1 else "none",
+                                             "D" if steps == 20 else "v"))  # fmt: skip
         ax.errorbar([r["macs"] / 1e9 for r in rs], [r["fd"][0] for r in rs], yerr=[r["fd"][1] for r in rs],
                     color=color, linestyle=ls, marker=marker, markersize=4, capsize=2, label=key)  # fmt: skip
-    ax.set_xlabel("GMACs per image (executed)")
+    ax.set_xlabel("GMACs per image (executed); lazy methods: diamonds at 20 steps, triangles at 10")
     ax.set_ylabel("FD to the real digits (lower is better)")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
@@ -528,7 +537,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="smoke mode: 20 steps 50%% and 10 steps 30%% only, "
                    "no fitting (committed gates), baselines at 5, 7, 10, 20 steps")  # fmt: skip
     p.add_argument("--refit", action="store_true", help="fit every learned point (ignore the committed gate files)")
-    p.add_argument("--spacing-samples", type=int, default=200)
+    p.add_argument("--spacing-samples", type=int, default=100, help="samples of the solvers' spacing choice")
+    p.add_argument("--solvers", nargs="*", choices=SOLVERS, default=list(SOLVERS), help="diffusers solver curves")
     p.add_argument("--oracle-samples", type=int, default=64, help="calibration samples of the oracle's tau")
     p.add_argument("--oracle-iters", type=int, default=12, help="bisection steps of the oracle's tau")
     p.add_argument("--threads", type=int, default=1)

@@ -13,6 +13,13 @@ Dynamo traces the lazy ``forward`` into :func:`compiled_call`. It must stay one 
   list that grows would be a guard on its length and a recompile per call).
 
 Eager and compiled calls keep separate caches; ``stats`` reads whichever ran last.
+
+The buffers belong to the model, not to a run: ``trajectory`` swaps their contents on
+enter and exit, so compiled runs go one at a time (``trajectory`` refuses a second one in
+another thread or task). A compiled call does not look for changes to the model (that
+would be Python on every call, a graph break): after changing the model, call it once
+eagerly (or ``lazypass.trace``); the program key then holds a new ``generation``, which
+dynamo guards on, so the compiled model is compiled again for the new program.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lazypass.tracing import flatten_inputs, signature
+from lazypass.tracing import flatten_inputs
 
 RECORDS = 1024  # calls whose decisions ``stats`` can show (eager and compiled alike)
 
@@ -105,13 +112,14 @@ def compiled_call(rt, args: tuple, kwargs: dict):
     from torch.utils import _pytree as pytree
 
     leaves, spec = flatten_inputs(args, kwargs)
-    key = signature(rt.model, leaves, spec)
+    key = rt.key_for(leaves, spec)
     prog = rt.programs.get(key)
     if prog is None:
         raise RuntimeError(
-            f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet, and tracing "
-            "(torch.export) cannot run inside torch.compile. Call the lazy model once eagerly with inputs "
-            "of the same shapes, or use lazypass.trace(model, *inputs), before calling the compiled model"
+            f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet (or it changed since: "
+            "new adapters, modules, hooks, options), and tracing (torch.export) cannot run inside torch.compile. "
+            "Call the lazy model once eagerly with inputs of the same shapes, or use lazypass.trace(model, "
+            "*inputs), before calling the compiled model"
         )
     live = rt.live[key]
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
@@ -125,4 +133,5 @@ def compiled_call(rt, args: tuple, kwargs: dict):
         live.count.add_(1)
     rt.program = prog
     rt.compiled_last = True
+    rt.compiled_ever = True
     return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)

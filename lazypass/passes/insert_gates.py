@@ -174,7 +174,7 @@ def gate_score(call, gm, gates, i, m, batch, sync=None):
         from lazypass.distributed import all_reduce
 
         logit = all_reduce(call, logit, "sum", sync[1])
-    b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, i)
+    b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, gates.bias_index(i))
     return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
 
 

@@ -9,7 +9,7 @@ two levels:
   module / parameter / buffer registrations (torch's global registration hooks, installed
   once when this module is imported) and torch's hook-handle counter
   (``RemovableHandle.next_id``, which moves when any hook is registered anywhere);
-- the instance attributes that change without going through either: ``forward`` of
+- what changes without going through either: the identity of every parameter, ``forward`` of
   every submodule (diffusers' and accelerate's hooks replace it), attention processors
   that are not modules (and their attention backend), PEFT's adapter switches
   (enabled, active, merged, scaling), and the hook dicts of modules that had hooks.
@@ -22,6 +22,7 @@ changed. The costs are measured in ``docs/live-model.md``.
 from __future__ import annotations
 
 import copy
+import itertools
 
 from torch import nn
 from torch.nn.modules import module as _torch_module
@@ -92,10 +93,16 @@ class Watch:
             if proc is not None and hasattr(proc, "__dict__"):
                 dicts.append(proc.__dict__), keys.append("_attention_backend")
         self._dicts, self._keys = dicts, keys
+        self._param_dicts = [m._parameters for _, m in named if m._parameters]
+        self._param_ids = self._ids()
         self._values = self._probe()
         self._hooked = [h for _, m in named for h in (m._forward_hooks, m._forward_pre_hooks) if h]
         self._hooked += [h for h in (_torch_module._global_forward_hooks, _torch_module._global_forward_pre_hooks) if h]
         self._hook_keys = [tuple(h) for h in self._hooked]
+
+    def _ids(self) -> list[int]:
+        # a parameter put straight into ``_parameters`` (accelerate's loaders do) passes no hook
+        return list(map(id, itertools.chain.from_iterable(map(dict.values, self._param_dicts))))
 
     def _probe(self) -> list:
         return [_snap(d.get(k)) for d, k in zip(self._dicts, self._keys)]
@@ -104,7 +111,8 @@ class Watch:
         """The per-call check: True if nothing that a change moves has moved (cheap)."""
         return (self.counters == _counters()
                 and list(map(dict.get, self._dicts, self._keys)) == self._values
-                and [tuple(h) for h in self._hooked] == self._hook_keys)
+                and [tuple(h) for h in self._hooked] == self._hook_keys
+                and self._ids() == self._param_ids)
 
     def update(self) -> bool:
         """Look at the whole model again; True if it changed since the last look.

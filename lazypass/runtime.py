@@ -32,7 +32,7 @@ from lazypass.passes import INFERENCE, TRAINING, NoSitesError, Site, StateSpec, 
 from lazypass.passes.match_sites import site_records
 from lazypass.sitemap import GateView, gate_index, gate_keys, site_keys, unknown_sites_error, untouched
 from lazypass.timesteps import check_timestep_arg, timestep_index
-from lazypass.tracing import analyse, differing_inputs, flatten_inputs, signature
+from lazypass.tracing import analyse, differing_inputs, flatten_inputs, signature, unsupported_inputs
 
 
 @dataclass
@@ -149,15 +149,18 @@ class Runtime:
         return key if mode == "hard" else key + (mode,)
 
     # -- tracing -------------------------------------------------------------------
-    def program_for(self, args: tuple, kwargs: dict, mode: str = "hard") -> tuple[Program | None, list]:
+    def program_for(self, args: tuple, kwargs: dict, mode: str = "hard", check: bool = True
+                    ) -> tuple[Program | None, list]:
         """The program for these inputs ("hard": inference, "soft": fitting), traced if needed.
 
         ``(None, leaves)`` for a hard call whose inputs leave no site (an option removed them
-        all, while other inputs have sites): that call runs the original forward.
+        all, while other inputs have sites): that call runs the original forward. ``check``:
+        look for changes to the model first (the lazy forward has looked already).
         """
         if mode not in _PASSES:
             raise ValueError(f"mode must be one of {sorted(_PASSES)}, got {mode!r}")
-        self.check_model()
+        if check:
+            self.check_model()
         leaves, spec = flatten_inputs(args, kwargs)
         key = self.key_for(leaves, spec, mode)
         prog = self.programs.get(key)
@@ -171,6 +174,14 @@ class Runtime:
     def _new_program(self, key, args, kwargs, leaves, spec, mode) -> Program | None:
         check_timestep_arg(self.forward, self.cfg, args, kwargs)
         others = [p.key for p in self.programs.values() if p.mode == mode]
+        bad = unsupported_inputs(args, kwargs)
+        if bad:
+            raise TypeError(
+                f"lazypass: {', '.join(bad)} cannot be an input of the lazy model's traced program: torch.export "
+                "takes tensors, numbers, strings, None and lists, tuples and dicts of them, and lazypass keys its "
+                "programs by the values of the non-tensor ones. Pass a tensor or a plain value instead, or set the "
+                "object on the model before the call"
+            )
         try:
             prog = self._trace(key, args, kwargs, mode)
         except NoSitesError as e:
@@ -188,6 +199,7 @@ class Runtime:
                 e.add_note(f"lazypass: this call traced a new program; it differs from an earlier one in "
                            f"{differing_inputs(others[-1], key, args, kwargs)}")
             raise
+        self.watch.update()  # tracing registers modules and hooks of its own: settle the counters
         key = self.key_for(leaves, spec, mode)  # the gates may have been made again while tracing
         prog.key = key
         self.programs[key] = prog
@@ -280,7 +292,8 @@ class Runtime:
 
     # -- calling -------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        prog, leaves = self.program_for(args, kwargs)
+        """A lazy call; the lazy forward has checked the model (``check_model``) first."""
+        prog, leaves = self.program_for(args, kwargs, check=False)
         if prog is None:
             return self.forward(*args, **kwargs)
         device = _device(leaves, self.model)

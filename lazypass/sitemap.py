@@ -3,9 +3,13 @@
 The gates (``model.lazy_gates``) are made for the full set of sites, found at the first
 trace. A later program may have fewer: a per-call option such as SD3's ``skip_layers``
 leaves blocks out, and each distinct value gets its own program with the sites it really
-has. Sites are matched by a stable identity, :func:`site_key`: kind, block path and gate
-input dims (plus an ordinal among equal keys), so a program's site ``i`` reads gate
-``index[i]`` (:class:`GateView`). The gates file keeps the full layout, so its layout
+has. Sites are matched by a stable identity (:func:`site_keys`): kind, the module that
+makes each stream's branch output (``transformer_blocks.3.attn.to_out.0``), and the gate
+input dims, plus an ordinal among equal keys; so a program's site ``i`` reads gate
+``index[i]`` (:class:`GateView`). The site's ``path`` in reports is not used: it is the
+common module of the branch's heavy ops, and a branch takes in upstream ops that only it
+uses, which another option can change (SD3 with its first block skipped: the last block's
+attention absorbs the context embedder). The gates file keeps the full layout, so its layout
 check still compares whole site sets.
 
 A program with a site the gates do not have is refused (:func:`unknown_sites_error`),
@@ -16,17 +20,19 @@ zero, nothing fitted or loaded) they are simply made again for the larger site s
 from __future__ import annotations
 
 from lazypass.gates import LazyGates
-from lazypass.passes.info import GraphInfo
 from lazypass.ops import value
+from lazypass.passes.info import GraphInfo
+from lazypass.passes.match_sites import module_path
 
-Key = tuple  # (kind, path, dims, ordinal)
+Key = tuple  # (kind, output module of each stream, gate dims of each stream, ordinal)
 
 
 def site_keys(info: GraphInfo) -> list[Key]:
     """Stable identities of a graph's sites, in site order."""
     keys, seen = [], {}
     for m in info.matches:
-        base = (m.kind, m.path, tuple(int(value(s.z).shape[-1]) for s in m.streams))
+        outputs = tuple(module_path(s.y) or m.path for s in m.streams)
+        base = (m.kind, outputs, tuple(int(value(s.z).shape[-1]) for s in m.streams))
         n = seen.get(base, 0)
         seen[base] = n + 1
         keys.append(base + (n,))
@@ -34,8 +40,8 @@ def site_keys(info: GraphInfo) -> list[Key]:
 
 
 def describe(key: Key) -> str:
-    kind, path, dims, n = key
-    return f"{kind} at {path or '?'} (gate dims {list(dims)}{f', #{n + 1}' if n else ''})"
+    kind, outputs, dims, n = key
+    return f"{kind} into {' + '.join(outputs)} (gate dims {list(dims)}{f', #{n + 1}' if n else ''})"
 
 
 def gate_index(gates: LazyGates, keys: list[Key]) -> list[int] | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -57,6 +59,14 @@ def differing_inputs(old_key: tuple, new_key: tuple, args: tuple, kwargs: dict) 
     if old_key[2:4] != new_key[2:4]:
         names.append("the model's dtype, device or training mode")
     return ", ".join(names) or "nothing it passes (the model itself changed)"
+
+
+def unsupported_inputs(args: tuple, kwargs: dict) -> list[str]:
+    """Inputs a traced program cannot take: anything but tensors and plain values (``torch.export``
+    refuses other objects, and bakes a module passed as an argument into the graph)."""
+    flat, _ = pytree.tree_flatten_with_path((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+    ok = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, enum.Enum)
+    return [f"{_name(path)} ({type(leaf).__name__})" for path, leaf in flat if not isinstance(leaf, ok)]
 
 
 def _name(path) -> str:

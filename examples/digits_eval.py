@@ -38,6 +38,28 @@ DIT_CONFIG = dict(
 NULL_CLASS = DIT_CONFIG["num_classes"]
 
 
+# -- the flow-matching digits model (diffusers format) -----------------------------------
+# A diffusers ``SD3Transformer2DModel`` trained with the rectified-flow loss by
+# ``examples/train_digits.py --flow`` (see ``train_flow`` there for the decisions), laid out as a
+# diffusers model folder so that ``SD3Transformer2DModel.from_pretrained(FLOW_DIR / "transformer")``
+# also works offline. The label-embedding table stands in for the text encoder.
+FLOW_DIR = ASSETS / "digits_flow"
+FLOW_TRANSFORMER_DIR = FLOW_DIR / "transformer"
+FLOW_CONFIG_PATH = FLOW_TRANSFORMER_DIR / "config.json"
+FLOW_WEIGHTS_PATH = FLOW_TRANSFORMER_DIR / "diffusion_pytorch_model.safetensors"
+FLOW_LABELS_PATH = FLOW_DIR / "label_embedding.safetensors"
+FLOW_SCHEDULER_PATH = FLOW_DIR / "scheduler" / "scheduler_config.json"
+
+FLOW_CONFIG = dict(
+    sample_size=8, patch_size=1, in_channels=1, out_channels=1, num_layers=4,
+    attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+    caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=8,
+)  # fmt: skip
+FLOW_LABEL_TOKENS = 4  # "text" tokens per label
+FLOW_SHIFT = 1.0  # FlowMatchEulerDiscreteScheduler(shift=...) the model is sampled with
+FLOW_NUM_LABELS = 11  # digits 0-9 and the null label (NULL_CLASS) for classifier-free guidance
+
+
 def gates_path(ratio: float, steps: int) -> Path:
     """Where the main job's fitted gates live, e.g. ``digits_gates_50pct_20steps.safetensors``."""
     return ASSETS / f"digits_gates_{round(ratio * 100)}pct_{steps}steps.safetensors"
@@ -167,3 +189,146 @@ def psnr(images: Tensor, reference: Tensor) -> float:
 
 def accuracy(preds: np.ndarray, labels: Tensor) -> float:
     return float((preds == labels.numpy()).mean())
+
+
+# -- flow-matching model: build, load, condition, sample -------------------------------------
+
+
+class LabelEmbedding(nn.Module):
+    """Stands in for SD3's text encoders: a label (0-9, or ``NULL_CLASS`` for "no label") becomes
+    ``encoder_hidden_states`` (B, tokens, joint_attention_dim) and ``pooled_projections``
+    (B, pooled_projection_dim), two learned tables trained with the transformer.
+
+    ``label_embedding(labels)`` returns the transformer's conditioning keyword arguments.
+
+    Example:
+        >>> emb = LabelEmbedding(tokens=4, joint_attention_dim=32, pooled_projection_dim=16)
+        >>> kw = emb(torch.tensor([3, 10]))
+        >>> tuple(kw["encoder_hidden_states"].shape), tuple(kw["pooled_projections"].shape)
+        ((2, 4, 32), (2, 16))
+    """
+
+    def __init__(self, num_labels: int = FLOW_NUM_LABELS, tokens: int = FLOW_LABEL_TOKENS,
+                 joint_attention_dim: int = 32, pooled_projection_dim: int = 32) -> None:  # fmt: skip
+        super().__init__()
+        # unit-variance entries: what a (normalised) text encoder would hand over
+        self.context = nn.Parameter(torch.randn(num_labels, tokens, joint_attention_dim))
+        self.pooled = nn.Parameter(torch.randn(num_labels, pooled_projection_dim))
+
+    def forward(self, labels: Tensor) -> dict[str, Tensor]:
+        return dict(encoder_hidden_states=self.context[labels], pooled_projections=self.pooled[labels])
+
+
+def build_flow_transformer(config: dict | None = None):
+    """A fresh ``SD3Transformer2DModel`` from ``config`` (default ``FLOW_CONFIG``); downloads nothing."""
+    from diffusers import SD3Transformer2DModel
+
+    return SD3Transformer2DModel.from_config(dict(config or FLOW_CONFIG))
+
+
+def build_label_embedding(config: dict | None = None, tokens: int = FLOW_LABEL_TOKENS) -> LabelEmbedding:
+    config = config or FLOW_CONFIG
+    return LabelEmbedding(FLOW_NUM_LABELS, tokens, config["joint_attention_dim"], config["pooled_projection_dim"])
+
+
+def flow_scheduler(shift: float | None = None, path: Path = FLOW_SCHEDULER_PATH):
+    """The ``FlowMatchEulerDiscreteScheduler`` the flow model is sampled with (its committed
+    config, else ``shift=FLOW_SHIFT``); ``shift`` overrides the config's."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = json.loads(path.read_text()) if path.exists() else dict(num_train_timesteps=1000, shift=FLOW_SHIFT)
+    if shift is not None:
+        config["shift"] = shift
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+def save_flow_model(transformer, label_embedding: LabelEmbedding, metadata: dict, directory: Path = FLOW_DIR,
+                    shift: float = FLOW_SHIFT) -> None:  # fmt: skip
+    """Diffusers layout under ``directory``: ``transformer/{config.json, diffusion_pytorch_model.safetensors}``,
+    ``scheduler/scheduler_config.json`` and ``label_embedding.safetensors``. ``metadata`` (JSON
+    values) goes into both safetensors files, next to ``format: pt`` as diffusers writes it."""
+    (directory / "transformer").mkdir(parents=True, exist_ok=True)
+    (directory / "scheduler").mkdir(parents=True, exist_ok=True)
+    meta = {"format": "pt", **{k: json.dumps(v) for k, v in metadata.items()}}
+    (directory / "transformer" / "config.json").write_text(transformer.to_json_string())
+    tensors = {k: v.detach().contiguous() for k, v in transformer.state_dict().items()}
+    save_file(tensors, str(directory / "transformer" / "diffusion_pytorch_model.safetensors"), metadata=meta)
+    labels = {k: v.detach().contiguous() for k, v in label_embedding.state_dict().items()}
+    save_file(labels, str(directory / "label_embedding.safetensors"), metadata=meta)
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    (directory / "scheduler" / "scheduler_config.json").write_text(sched.to_json_string())
+
+
+def flow_metadata(directory: Path = FLOW_DIR) -> dict:
+    """Training metadata of the flow model (seed, config, steps, training time and machine load)."""
+    from safetensors import safe_open
+
+    with safe_open(str(directory / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        return {k: json.loads(v) for k, v in (f.metadata() or {}).items() if k != "format"}
+
+
+def load_flow_dit(directory: Path = FLOW_DIR):
+    """The trained flow-matching digits model: ``(transformer, label_embedding)``, both in eval mode.
+
+    The transformer is built from its committed diffusers config (``from_config``) and its weights
+    are read with safetensors; nothing is downloaded.
+
+    Example:
+        >>> transformer, label_embedding = load_flow_dit()
+        >>> x = flow_sample(transformer, label_embedding, torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), 4)
+        >>> tuple(x.shape)
+        (2, 1, 8, 8)
+    """
+    config_path = directory / "transformer" / "config.json"
+    weights = directory / "transformer" / "diffusion_pytorch_model.safetensors"
+    labels_path = directory / "label_embedding.safetensors"
+    for path in (config_path, weights, labels_path):
+        if not path.exists():
+            raise _missing(path, "train_digits.py --flow")
+    config = {k: v for k, v in json.loads(config_path.read_text()).items() if not k.startswith("_")}
+    transformer = build_flow_transformer(config)
+    transformer.load_state_dict(load_file(str(weights)))
+    table = load_file(str(labels_path))
+    label_embedding = LabelEmbedding(*table["context"].shape, table["pooled"].shape[1])
+    label_embedding.load_state_dict(table)
+    return transformer.eval().requires_grad_(False), label_embedding.eval().requires_grad_(False)
+
+
+def flow_cond(label_embedding: LabelEmbedding, labels: Tensor) -> dict[str, Tensor]:
+    """Labels (B,) -> the transformer's conditioning: ``encoder_hidden_states``, ``pooled_projections``."""
+    return label_embedding(labels)
+
+
+@torch.no_grad()
+def flow_sample(transformer, cond_fn, noise: Tensor, labels: Tensor, steps: int, guidance_scale: float = 1.0,
+                scheduler=None, null_label: int = NULL_CLASS, callback=None) -> Tensor:  # fmt: skip
+    """Euler sampling of a flow-matching model with diffusers' ``FlowMatchEulerDiscreteScheduler``.
+
+    ``cond_fn(labels)`` returns the conditioning keyword arguments of ``transformer`` (e.g. the
+    ``LabelEmbedding``). The model is called as ``StableDiffusion3Pipeline`` calls it:
+    ``timestep = sigma * 1000`` expanded to the batch, velocity out. With ``guidance_scale != 1``
+    the unconditional (``null_label``) and conditional halves run as one batch of 2B, uncond first,
+    and are combined as ``v_u + g (v_c - v_u)``. ``scheduler`` defaults to ``flow_scheduler()``;
+    ``set_timesteps`` is called on it (which resets its step index). ``callback(i, t, x)`` runs
+    after each step.
+    """
+    scheduler = scheduler if scheduler is not None else flow_scheduler()
+    scheduler.set_timesteps(steps, device=noise.device)
+    guided = guidance_scale != 1.0
+    cond = cond_fn(labels.to(noise.device))
+    if guided:
+        uncond = cond_fn(torch.full_like(labels, null_label).to(noise.device))
+        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    x = noise
+    for i, t in enumerate(scheduler.timesteps):
+        inp = torch.cat([x, x]) if guided else x
+        v = transformer(inp, timestep=t.expand(inp.shape[0]), return_dict=False, **cond)[0]
+        if guided:
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
+        x = scheduler.step(v, t, x, return_dict=False)[0]
+        if callback is not None:
+            callback(i, t, x)
+    return x

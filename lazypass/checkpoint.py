@@ -99,9 +99,8 @@ class GateFile:
 
     def check_config(self, cfg: LazyConfig) -> None:
         """Refuse gates fitted under options that change what a gate's score means."""
-        defaults = LazyConfig()
         for name in GATE_OPTIONS:
-            saved = self.config.get(name, getattr(defaults, name))
+            saved = self.config[name]
             if saved != getattr(cfg, name):
                 raise ValueError(
                     f"the gates in {self.path!r} were fitted with {name}={saved!r}, but this model uses "
@@ -111,6 +110,9 @@ class GateFile:
 
     def copy_into(self, gates: LazyGates) -> None:
         self.check_layout(gates.layout)
+        if gates.inputs != self.config["gate_inputs"]:
+            raise ValueError(f"the gates in {self.path!r} read {self.config['gate_inputs']}, these gates read "
+                             f"{gates.inputs}; nothing was loaded")
         with torch.no_grad():
             for name, param in gates.state_dict(keep_vars=True).items():
                 param.copy_(self.tensors[name].to(param.device, param.dtype))
@@ -119,8 +121,19 @@ class GateFile:
 def read_gates(path: str | os.PathLike) -> GateFile:
     """Read and check a whole gates file (nothing is loaded anywhere)."""
     layout, tensors, meta = _read(path)
-    return GateFile(os.fspath(path), layout, tensors, json.loads(meta["config"]),
-                    check_threshold(float(meta["threshold"])))
+    return GateFile(os.fspath(path), layout, tensors, _saved_config(meta), check_threshold(float(meta["threshold"])))
+
+
+# What files written before an option existed were fitted under.
+_LEGACY = {"max_age": None, "reuse": "copy", "granularity": "site", "gate_inputs": ()}
+
+
+def _saved_config(meta: dict) -> dict:
+    config = {**_LEGACY, **json.loads(meta["config"])}
+    if config.pop("max_reuse", None) == 1:
+        config["max_age"] = 1
+    config["gate_inputs"] = tuple(config["gate_inputs"])
+    return config
 
 
 def _read(path) -> tuple[list, dict[str, torch.Tensor], dict[str, str]]:
@@ -146,11 +159,10 @@ def _read(path) -> tuple[list, dict[str, torch.Tensor], dict[str, str]]:
     try:
         layout = [(str(kind), tuple(int(d) for d in dims)) for kind, dims in json.loads(meta["layout"])]
         float(meta["threshold"])
-        if not isinstance(json.loads(meta["config"]), dict):
-            raise ValueError("config is not a JSON object")
+        config = _saved_config(meta)
     except (KeyError, ValueError, TypeError) as e:
         raise ValueError(f"{path!r}: damaged lazypass metadata ({e}); save the gates again") from None
-    expected = LazyGates(layout)
+    expected = LazyGates(layout, config["gate_inputs"])
     if expected.fingerprint() != meta.get("fingerprint"):
         raise ValueError(f"{path!r}: the site layout does not match its fingerprint; the file is damaged")
     shapes = {name: tuple(t.shape) for name, t in expected.state_dict().items()}

@@ -30,9 +30,20 @@ class LazyConfig:
         cache_dtype: dtype caches are kept in ("float16", "bfloat16"), default the
             branch output dtype.
         min_site_macs: branches with fewer multiply-accumulates per call are left alone.
-        max_reuse: ``1``: a branch output may be reused for one step at most, then the branch
-            must compute again (a cache is never reused twice in a row). ``None``: no limit
-            (the paper's rule). Chained reuse is where learned gates lose quality (see README).
+        max_age: a row may reuse a branch's cache for at most this many calls in a row (a
+            per-row counter of calls at its cache slot since it last computed); ``1`` never
+            reuses a cache twice in a row; ``None``: no cap (the paper's rule).
+        reuse: what a skipped branch returns: ``"copy"``, its cached output (the paper), or
+            ``"forecast"``, a first-order extrapolation from the row's last two computed
+            outputs and their timesteps (TaylorSeer-style; a copy until the row has computed
+            twice, and for models without a timestep input).
+        granularity: which branches share one decision: ``"site"`` (every branch has its
+            own gate), ``"step"`` (the first site's gate decides for every site of the call),
+            or an int ``k`` (groups of ``k`` consecutive sites, decided by the first of each
+            group). A site whose cache is not valid computes whatever its group decides.
+        gate_inputs: what a gate reads besides ``Z``: ``"age"`` (the row's cache age) and
+            ``"drift"`` (the relative change of the token-mean of ``Z`` since the row's cache
+            was filled), each with one learned weight per site.
         sync_decisions: make every rank of a ``torch.distributed`` group take the same
             skip decision, so no rank waits forever in a collective inside a branch that
             another rank skipped. ``"sharded"`` (or ``True``): ranks hold different token
@@ -60,7 +71,10 @@ class LazyConfig:
     timestep_arg: str | None = None
     cache_dtype: str | None = None
     min_site_macs: int = 0
-    max_reuse: int | None = None
+    max_age: int | None = None
+    reuse: str = "copy"
+    granularity: str | int = "site"
+    gate_inputs: tuple[str, ...] = ("age", "drift")
     sync_decisions: bool | str | None = None
     sync_group: str | None = None
 
@@ -74,8 +88,18 @@ class LazyConfig:
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         check_threshold(self.threshold)
-        if self.max_reuse not in (None, 1):
-            raise ValueError(f"max_reuse must be None (no limit) or 1, got {self.max_reuse!r}")
+        if self.max_age is not None and (isinstance(self.max_age, bool) or not isinstance(self.max_age, int)
+                                         or self.max_age < 1):
+            raise ValueError(f"max_age must be None (no cap) or an int >= 1, got {self.max_age!r}")
+        if self.reuse not in REUSE:
+            raise ValueError(f"reuse must be one of {REUSE}, got {self.reuse!r}")
+        g = self.granularity
+        if not (g in ("site", "step") or (isinstance(g, int) and not isinstance(g, bool) and g >= 1)):
+            raise ValueError(f'granularity must be "site", "step" or an int >= 1 (sites per group), got {g!r}')
+        inputs = tuple(self.gate_inputs)
+        if not set(inputs) <= set(GATE_INPUTS) or len(set(inputs)) != len(inputs):
+            raise ValueError(f"gate_inputs must be distinct names among {GATE_INPUTS}, got {self.gate_inputs!r}")
+        object.__setattr__(self, "gate_inputs", tuple(x for x in GATE_INPUTS if x in inputs))
         if not isinstance(self.calls_per_step, int) or self.calls_per_step < 1:
             raise ValueError(f"calls_per_step must be an int >= 1, got {self.calls_per_step!r}")
         if self.cache_dtype is not None and self.cache_dtype not in _DTYPES:
@@ -96,12 +120,22 @@ class LazyConfig:
         return _DTYPES.get(self.cache_dtype) if self.cache_dtype else None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["gate_inputs"] = list(self.gate_inputs)
+        return d
+
+    def group_of(self, n_sites: int) -> list[int]:
+        """The site that decides for each site (itself with ``granularity="site"``)."""
+        g = self.granularity
+        size = 1 if g == "site" else n_sites if g == "step" else g
+        return [(i // size) * size for i in range(n_sites)]
 
     @classmethod
     def from_options(cls, **options) -> "LazyConfig":
         """Build a config from keyword options, refusing unknown ones."""
         known = {f.name for f in dataclasses.fields(cls)}
+        if "max_reuse" in options:
+            raise TypeError("max_reuse was replaced by max_age (max_reuse=1 is max_age=1)")
         unknown = sorted(set(options) - known)
         if unknown:
             raise TypeError(f"unknown lazypass option(s) {unknown}; known options are {sorted(known)}")
@@ -110,7 +144,9 @@ class LazyConfig:
 
 # Options that change what a gate's score means or when a cache may be used: gates fitted
 # under one value are refused under another (``load_gates``).
-GATE_OPTIONS = ("max_reuse",)
+GATE_OPTIONS = ("max_age", "reuse", "granularity", "gate_inputs")
+GATE_INPUTS = ("age", "drift")
+REUSE = ("copy", "forecast")
 
 
 def check_threshold(threshold) -> float:

@@ -12,19 +12,25 @@ from torch import nn
 class LazyGates(nn.Module):
     """Gate parameters of all sites of a model (``model.lazy_gates``).
 
-    Site ``i`` scores a sample with ``sigmoid(sum_j sum_tokens(Z_j) . weight(i, j) + bias[i])``.
-    Zero weights and bias give a score of exactly 0.5, which never passes the default
-    threshold (a branch skips when the score is *above* it), so a fresh model is unchanged.
-    ``layout`` lists ``(kind, dims)`` per site; it is the fingerprint saved with the gates.
+    Site ``i`` scores a sample with ``sigmoid(logit)``,
+    ``logit = sum_j sum_tokens(Z_j) . weight(i, j) + bias[i] + age[i] * a + drift[i] * d``,
+    where ``a`` is the row's cache age and ``d`` the drift of its input since the cache was
+    filled (the last two terms only for the ``inputs`` named). Zero parameters give a score
+    of exactly 0.5, which never passes the default threshold (a branch skips when the score
+    is *above* it), so a fresh model is unchanged. ``layout`` lists ``(kind, dims)`` per
+    site; it is the fingerprint saved with the gates.
     """
 
-    def __init__(self, layout: list[tuple[str, tuple[int, ...]]]):
+    def __init__(self, layout: list[tuple[str, tuple[int, ...]]], inputs: tuple[str, ...] = ()):
         super().__init__()
         self.layout = [(kind, tuple(int(d) for d in dims)) for kind, dims in layout]
+        self.inputs = tuple(inputs)
         self.weights = nn.ParameterList(
             [nn.Parameter(torch.zeros(d)) for _, dims in self.layout for d in dims]
         )
         self.bias = nn.Parameter(torch.zeros(len(self.layout)))
+        for name in self.inputs:  # one weight per site for each extra input
+            self.register_parameter(name, nn.Parameter(torch.zeros(len(self.layout))))
         self._offsets = []
         k = 0
         for _, dims in self.layout:
@@ -34,9 +40,9 @@ class LazyGates(nn.Module):
     def weight(self, site: int, stream: int) -> nn.Parameter:
         return self.weights[self._offsets[site] + stream]
 
-    def bias_index(self, site: int) -> int:
-        """Index of site ``site``'s bias in ``bias`` (a program with fewer sites maps its own,
-        see ``lazypass/sitemap.py``)."""
+    def site_index(self, site: int) -> int:
+        """Index of site ``site`` in ``bias`` and the per-site input weights (a program with
+        fewer sites maps its own, see ``lazypass/sitemap.py``)."""
         return site
 
     @staticmethod
@@ -52,4 +58,4 @@ class LazyGates(nn.Module):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def extra_repr(self) -> str:
-        return f"sites={len(self.layout)}, fingerprint={self.fingerprint()}"
+        return f"sites={len(self.layout)}, inputs={self.inputs}, fingerprint={self.fingerprint()}"

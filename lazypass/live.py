@@ -43,7 +43,7 @@ _torch_module.register_module_buffer_registration_hook(_count)
 
 # instance attributes whose changes no counter sees (forward is watched on every submodule)
 _ATTRS = ("processor", "_disable_adapters", "_active_adapter", "merged_adapters", "scaling")
-_SKIP = "lazy_gates"  # lazypass's own submodule
+_SKIP = ("lazy_gates", "lazy_state")  # lazypass's own submodules (gates; state buffers for export)
 
 
 def _counters() -> tuple[int, int]:
@@ -56,7 +56,7 @@ def _snap(v):
 
 def _named_modules(model: nn.Module):
     for name, m in model.named_modules(remove_duplicate=False):
-        if name == _SKIP or name.startswith(_SKIP + "."):
+        if name.split(".", 1)[0] in _SKIP:
             continue
         yield name, m
 

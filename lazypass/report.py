@@ -10,7 +10,8 @@ from torch import nn
 
 from lazypass.compiled import compiled_records
 from lazypass.config import LazyConfig
-from lazypass.passes import Site
+from lazypass.gates import LazyGates
+from lazypass.passes import INFERENCE, Site, run_passes
 from lazypass.passes.match_sites import site_records
 from lazypass.runtime import runtime
 from lazypass.tracing import analyse
@@ -72,8 +73,10 @@ def report(model: nn.Module, *args, print_table: bool = True, **kwargs) -> list[
         sites, model_macs = (prog.sites, prog.model_macs) if prog is not None else ([], 0)
     else:
         cfg = LazyConfig()
-        _, _, info = analyse(model, model.forward, cfg, args, kwargs)
-        sites, model_macs = site_records(info, cfg), info.model_macs
+        gm, _, info = analyse(model, model.forward, cfg, args, kwargs)
+        info.gates = LazyGates(info.layout, cfg.gate_inputs)
+        run_passes(gm, cfg, INFERENCE)  # on the captured copy: the state a lazy model would keep
+        sites, model_macs = site_records(info), info.model_macs
     if print_table:
         print(site_table(sites, model_macs))
     return sites

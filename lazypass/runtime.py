@@ -22,7 +22,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lazypass.compiled import RECORDS, compiled_call, live_state, reset_live, swap_live
+from lazypass.compiled import (RECORDS, StateBuffers, compiled_call, exported_call, live_state,
+                               register_buffers, reset_live, swap_live)
 from lazypass.config import LazyConfig, check_threshold
 from lazypass.context import Run, bind, bound, bound_runs, unbind
 from lazypass.gates import LazyGates
@@ -122,6 +123,8 @@ class Runtime:
             self.plain.clear()
             self.live.clear()
             self.program = None
+            if isinstance(getattr(self.model, "lazy_state", None), StateBuffers):
+                register_buffers(self)  # no buffers of dropped programs held for torch.export
 
     def runs_plain(self) -> bool:
         """Whether this call runs the original forward: in ``train()`` mode, with grad on while
@@ -199,13 +202,14 @@ class Runtime:
                 e.add_note(f"lazypass: this call traced a new program; it differs from an earlier one in "
                            f"{differing_inputs(others[-1], key, args, kwargs)}")
             raise
-        self.watch.update()  # tracing registers modules and hooks of its own: settle the counters
         key = self.key_for(leaves, spec, mode)  # the gates may have been made again while tracing
         prog.key = key
         self.programs[key] = prog
         if mode == "hard":
             device = _device(leaves, self.model)
             self.live[key] = live_state(prog, self.threshold_tensor(device), device)
+            register_buffers(self)  # model.lazy_state, for torch.export
+        self.watch.update()  # tracing (and lazy_state) registers modules and hooks of its own: settle the counters
         return prog
 
     def __deepcopy__(self, memo):
@@ -219,8 +223,8 @@ class Runtime:
         gm, out_spec, info = analyse(self.model, self.forward, self.cfg, args, kwargs)
         t_index = timestep_index(gm, info.timestep, args, kwargs, info.batch)  # checks its shape
         info.gates = self._gates(info, key, args, kwargs)
-        sites = site_records(info, self.cfg)
         gm = run_passes(gm, self.cfg, _PASSES[mode])
+        sites = site_records(info)
         index = info.gates.index if isinstance(info.gates, GateView) else None
         return Program(key, gm, eager_twin(gm), out_spec, sites, info.model_macs, info.state_specs,
                        info.n_user_outputs, info.batch, mode, t_index, index)
@@ -254,7 +258,7 @@ class Runtime:
 
     def _new_gates(self, layout, keys) -> LazyGates:
         param = next(self.model.parameters())
-        gates = LazyGates(layout).to(param.device)
+        gates = LazyGates(layout, self.cfg.gate_inputs).to(param.device)
         gates.site_keys = keys
         if self.pending_gates is not None:
             self.pending_gates(gates)  # refuses a file made for other sites
@@ -469,6 +473,8 @@ def _lazy_forward(self, *args, **kwargs):
     must run per call are registered on submodules, the original forward runs instead.
     """
     rt = runtime(self)
+    if torch.compiler.is_exporting():
+        return exported_call(rt, args, kwargs)
     if self.training:
         return rt.forward(*args, **kwargs)
     if torch.compiler.is_compiling():

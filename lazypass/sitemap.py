@@ -82,7 +82,9 @@ class GateView:
     def __init__(self, gates: LazyGates, index: list[int]):
         self.gates, self.index = gates, list(index)
         self.layout = [gates.layout[i] for i in self.index]
-        self.bias = gates.bias
+        self.inputs = gates.inputs
+        for name in ("bias", *gates.inputs):  # indexed through site_index
+            setattr(self, name, getattr(gates, name))
 
     def weight(self, site: int, stream: int):
         return self.gates.weight(self.index[site], stream)
@@ -90,7 +92,7 @@ class GateView:
     def weight_name(self, site: int, stream: int) -> str:
         return self.gates.weight_name(self.index[site], stream)
 
-    def bias_index(self, site: int) -> int:
+    def site_index(self, site: int) -> int:
         return self.index[site]
 
     def kinds(self) -> list[str]:

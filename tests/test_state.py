@@ -7,24 +7,17 @@ import torch
 
 import lazypass
 from lazypass.runtime import runtime
-from tests.archs import ARCHS
+from tests.archs import ARCHS, random_gates
 
 ARCH = ARCHS["ref_dit"]
 TIMESTEPS = (900, 700, 500, 300)
-
-
-def _random_gates(model, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _lazy(seed=1, **options):
     model = lazypass.apply(ARCH.build(), **options)
     args, _ = ARCH.inputs(2, TIMESTEPS[0], 0)
     lazypass.report(model, *args, print_table=False)
-    _random_gates(model, seed)
+    random_gates(model, seed)
     return model
 
 
@@ -95,6 +88,12 @@ def test_rising_timestep_starts_a_new_run_without_reset():
     second = [_step(model, k, seed=0) for k in range(len(TIMESTEPS))]  # no reset in between
     for x, y in zip(first, second):
         assert torch.equal(x, y)
+    st = lazypass.stats(model)
+    n = len(TIMESTEPS)
+    assert st.skipped.shape[0] == 2 * n
+    assert st.skipped[n - 1].any()  # the last call before the rise reused caches: they were valid
+    # at the rise the gates wanted to skip, but the caches of the old run were dropped
+    assert (st.scores[n] > runtime(model).threshold).any() and not st.skipped[n].any()
 
 
 def _fail_at_last_site(model):
@@ -158,18 +157,21 @@ def test_cache_memory_is_reported_bounded_and_halved(cache_dtype):
     args, _ = ARCH.inputs(2, TIMESTEPS[0], 0)
     sites_full = lazypass.report(full, *args, print_table=False)
     sites_half = lazypass.report(half, *args, print_table=False)
-    total_full = sum(s.cache_bytes for s in sites_full)
-    total_half = sum(s.cache_bytes for s in sites_half)
-    assert total_half * 2 == total_full
-    for model, total, dtype in ((full, total_full, torch.float32), (half, total_half, getattr(torch, cache_dtype))):
-        sizes = set()
+    for model, sites, dtype in ((full, sites_full, torch.float32), (half, sites_half, getattr(torch, cache_dtype))):
+        specs = next(iter(runtime(model).programs.values())).state_specs[1:]
         lazypass.reset(model)
+        held, caches = set(), set()
         for k in range(len(TIMESTEPS)):
             _step(model, k)
-            caches = [t for t in _cache_tensors(model) if t.is_floating_point() and t.dim() > 2]
-            assert {t.dtype for t in caches} == {dtype}
-            sizes.add(sum(t.nbytes for t in caches))
-        assert sizes == {total}  # what report says is what is held, and it does not grow
+            named = list(zip(specs, _cache_tensors(model)))
+            assert {t.dtype for spec, t in named if spec.name.startswith("lazy_cache_")} == {dtype}
+            held.add(sum(t.nbytes for spec, t in named if spec.site is not None))
+            caches.add(sum(t.nbytes for spec, t in named if spec.name.startswith("lazy_cache_")))
+        # what report says is what is held, and it does not grow
+        assert held == {sum(s.cache_bytes for s in sites)}
+        if model is full:
+            full_caches = caches
+    assert {2 * c for c in caches} == full_caches  # the caches themselves take half the memory
     # fp16/bf16 caches: same decisions here, outputs within the cache's rounding
     lazypass.reset(full), lazypass.reset(half)
     for k in range(len(TIMESTEPS)):

@@ -77,11 +77,11 @@ def _conds(gm: fx.GraphModule) -> list[fx.Node]:
 def _gates(gates, layout, cfg: LazyConfig) -> tuple[LazyGates, float]:
     """The gates for a graph the backend made lazy, and the threshold to start from."""
     if gates is None:
-        return LazyGates(layout), cfg.threshold
+        return LazyGates(layout, cfg.gate_inputs), cfg.threshold
     if isinstance(gates, (str, os.PathLike)):
         saved = read_gates(gates)  # every check load_gates makes, before anything is copied
         saved.check_config(cfg)
-        loaded = LazyGates(layout)
+        loaded = LazyGates(layout, cfg.gate_inputs)
         saved.copy_into(loaded)
         return loaded, saved.threshold
     if not isinstance(gates, LazyGates):

@@ -31,17 +31,17 @@ def user_outputs(graph: fx.Graph) -> tuple[fx.Node, list]:
 
 
 def graph_inputs(graph: fx.Graph):
-    """``(add, specs)``: ``add(name, shape, dtype, fill=0)`` appends a graph input after the
-    last one and records its :class:`StateSpec` in ``specs``."""
+    """``(add, specs)``: ``add(name, shape, dtype, fill=0, site=None)`` appends a graph input
+    after the last one and records its :class:`StateSpec` in ``specs``."""
     specs: list[StateSpec] = []
     anchor = [n for n in graph.nodes if n.op == "placeholder"][-1]
 
-    def add(name: str, shape, dtype: torch.dtype, fill: float = 0.0) -> fx.Node:
+    def add(name: str, shape, dtype: torch.dtype, fill: float = 0.0, site: int | None = None) -> fx.Node:
         nonlocal anchor
         with graph.inserting_after(anchor):
             anchor = graph.placeholder(name)
         anchor.meta["val"] = torch.empty(shape, dtype=dtype, device="meta")
-        specs.append(StateSpec(name, tuple(shape), dtype, fill))
+        specs.append(StateSpec(name, tuple(shape), dtype, fill, site))
         return anchor
 
     return add, specs

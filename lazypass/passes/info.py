@@ -8,6 +8,7 @@ outputs are the user's. Nothing else travels in ``gm.meta``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,7 +26,8 @@ class Site:
 
     ``tokens``/``dims`` give the gate input ``Z`` of each stream (tokens x hidden dim);
     ``macs`` are multiply-accumulates of the skippable branch per call (whole batch);
-    ``cache_bytes`` is the memory of its caches (all call slots).
+    ``cache_bytes`` is the memory of its state: caches and whatever else the options keep
+    per row (all call slots).
     """
 
     index: int
@@ -61,12 +63,18 @@ class Match:
 
 
 class StateSpec(NamedTuple):
-    """An extra input a rewrite adds to the graph, and the value a new run starts from."""
+    """An extra input a rewrite adds to the graph, the value a new run starts from, and the
+    site it belongs to (None for the model-wide ones)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     fill: float = 0.0
+    site: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
     def initial(self, device: torch.device | str) -> torch.Tensor:
         return torch.full(self.shape, self.fill, dtype=self.dtype, device=device)

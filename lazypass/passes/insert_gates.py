@@ -1,24 +1,32 @@
 """Rewrite every matched site into a gated conditional over explicit cache state.
 
-After this pass the graph takes, besides the user's inputs,
+After this pass the graph takes, besides the user's inputs (K = ``calls_per_step``,
+B = samples per call, all listed with their initial values in ``graph_info(gm).state_specs``),
 
-    threshold (0-d f32), last_t (B,) f32, call_index (0-d i64),
-    per site: valid (K, B) bool, one cache (K, B, ...) per branch output
+    threshold (0-d f32), last_t (B,) f32, call_index (0-d i64), and per site i:
+    valid_i (K, B) bool       the row's cache at this slot may be used
+    age_i (K, B) f32          calls at this slot since the row last computed (max_age, "age" input)
+    cache_i_j (K, rows, ...)  the last computed output of stream j
+    prev_i_j, t_fill_i, t_prev_i, has_prev_i    the output before it and both timesteps (forecast)
+    pool_i_j (K, B, D) f32    token mean of Z when the cache was filled (deciding sites, "drift" input)
 
 and updates the state tensors *in place* (``copy_`` / ``index_copy_``, one cache slot per
 call, like gpt-fast's KV cache): eager mode writes one slot and nothing more, compiled
 graphs keep static buffers (CUDA graphs), and ``torch.export`` functionalises the writes
-into explicit inputs/outputs for ONNX.  After the user's outputs the graph returns
-``skipped`` (sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the
-branch was not computed) and ``scores`` (sites, B) f32.
-K is ``calls_per_step``: the k-th call at the same timestep uses cache slot k; a call past
-K computes in full and leaves its slot invalid.
+into explicit inputs/outputs.  After the user's outputs the graph returns ``skipped``
+(sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the branch was not
+computed) and ``scores`` (sites, B) f32.  The k-th call at the same timestep uses cache
+slot k; a call past K computes in full and leaves its slot invalid.
 
-Per site, per sample ``b``:  ``s_b = sigmoid(sum_streams sum_tokens(Z) . w + bias)``
-(fp32), ``skip_b = s_b > threshold and valid_b``.  The branch becomes
-``cond(all(skip), reuse, cond(any(skip), mixed, compute))``; ``mixed`` computes the branch
-and gives the samples that skip their cached rows (``where``), so a sample's result never
-depends on its batch, while the common all/none cases pay for no extra copy.
+Per site, per sample ``b``: the deciding site of its group (``LazyConfig.granularity``)
+scores the sample (``passes/gating.py``) and ``skip_b = score_b > threshold and valid_b``
+(and ``age_b < max_age``).  The branch becomes ``cond(all(skip), reuse, cond(any(skip),
+mixed, compute))``; ``mixed`` computes the branch and gives the samples that skip their
+reused rows (``where``), so a sample's result never depends on its batch, while the common
+all/none cases pay for no extra copy.  ``reuse`` returns the cache (``reuse="copy"``) or
+``cache + (cache - prev) * (t - t_fill) / (t_fill - t_prev)`` per row (``"forecast"``, a
+copy where the row has no previous output yet).  Rows that computed refill their cache;
+rows that skipped keep it and age by one.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -33,10 +42,25 @@ import torch.fx as fx
 from lazypass.config import LazyConfig
 from lazypass.ops import shape, value
 from lazypass.passes.build import caller, graph_inputs, inserting_after, user_outputs
+from lazypass.passes.gating import drift_of, gate_logit, means, token_sums
 from lazypass.passes.info import graph_info
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _SiteState:
+    """The state inputs of one site (None where the options need none)."""
+
+    valid: fx.Node
+    caches: list[fx.Node]
+    age: fx.Node | None = None
+    prevs: list[fx.Node] = field(default_factory=list)
+    t_fill: fx.Node | None = None
+    t_prev: fx.Node | None = None
+    has_prev: fx.Node | None = None
+    pools: list[fx.Node] = field(default_factory=list)
 
 
 def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
@@ -48,21 +72,40 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     K = cfg.calls_per_step
     sync = sync_mode(gm, cfg)
     call = caller(graph)
+    forecast = cfg.reuse == "forecast" and timestep is not None
+    if cfg.reuse == "forecast" and timestep is None:
+        log.info("insert_gates: no timestep input, so reuse='forecast' falls back to copies")
+    use_age, use_drift = "age" in cfg.gate_inputs, "drift" in cfg.gate_inputs
+    leaders = cfg.group_of(len(matches))
 
     output, outputs = user_outputs(graph)
     state_input, specs = graph_inputs(graph)
-
     threshold = state_input("lazy_threshold", (), torch.float32)
     last_t = state_input("lazy_last_t", (batch,), torch.float32, math.inf)
     call_index = state_input("lazy_call_index", (), torch.int64)
-    site_state = []
+    states = []
+
+    def site_input(i, name, shape, dtype, fill=0.0):
+        return state_input(name, shape, dtype, fill, site=i)
+
     for i, m in enumerate(matches):
-        valid = state_input(f"lazy_valid_{i}", (K, batch), torch.bool)
-        caches = [
-            state_input(f"lazy_cache_{i}_{j}", (K, *value(s.y).shape), cfg.cache_torch_dtype or value(s.y).dtype)
-            for j, s in enumerate(m.streams)
-        ]
-        site_state.append((valid, caches))
+        ys = [value(s.y) for s in m.streams]
+        dtypes = [cfg.cache_torch_dtype or y.dtype for y in ys]
+        st = _SiteState(
+            site_input(i, f"lazy_valid_{i}", (K, batch), torch.bool),
+            [site_input(i, f"lazy_cache_{i}_{j}", (K, *y.shape), d) for j, (y, d) in enumerate(zip(ys, dtypes))],
+        )
+        if cfg.max_age is not None or (use_age and leaders[i] == i):
+            st.age = site_input(i, f"lazy_age_{i}", (K, batch), torch.float32)
+        if forecast:
+            st.prevs = [site_input(i, f"lazy_prev_{i}_{j}", (K, *y.shape), d) for j, (y, d) in enumerate(zip(ys, dtypes))]
+            st.t_fill = site_input(i, f"lazy_t_fill_{i}", (K, batch), torch.float32)
+            st.t_prev = site_input(i, f"lazy_t_prev_{i}", (K, batch), torch.float32)
+            st.has_prev = site_input(i, f"lazy_has_prev_{i}", (K, batch), torch.bool)
+        if use_drift and leaders[i] == i:
+            st.pools = [site_input(i, f"lazy_pool_{i}_{j}", (K, batch, shape(s.z)[-1]), torch.float32)
+                        for j, s in enumerate(m.streams)]
+        states.append(st)
 
     # Step bookkeeping, right after the inputs: which cache slot this call uses, and
     # which samples start a new run (their timestep went up).
@@ -79,41 +122,80 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             call(aten.copy_.default, last_t, t)
             call(aten.copy_.default, call_index, index)
         else:  # every call is a step of its own: one slot
-            not_new = in_range = None
+            t = not_new = in_range = None
             slot = call(aten.zeros.default, [1], dtype=torch.int64, device=value(matches[0].streams[0].x).device)
 
-    skipped, saved, scores = [], [], []
-    for i, (m, (valid, caches)) in enumerate(zip(matches, site_state)):
-        # after the step bookkeeping too: a site may read only graph inputs (StableAudio)
-        last_input = max([s.z for s in m.streams] + m.operands + [slot], key=_position(graph))
-        with inserting_after(graph, last_input):
+    def row(state):  # this call's slot of a (K, B, ...) state tensor
+        return call(aten.squeeze.dim, call(aten.index_select.default, state, 0, slot), 0)
+
+    def put(state, new):
+        call(aten.index_copy_.default, state, 0, slot, call(aten.unsqueeze.default, new, 0))
+
+    skipped, saved, scores, decided = [], [], [], {}
+    for i, (m, st) in enumerate(zip(matches, states)):
+        leader = leaders[i]
+        # after the step bookkeeping too: a site may read only graph inputs (StableAudio);
+        # a site that follows its group's decision comes after that decision
+        after = [s.z for s in m.streams] + m.operands + [slot] + ([decided[leader][1]] if leader != i else [])
+        with inserting_after(graph, max(after, key=_position(graph))):
             if not_new is not None:
-                call(aten.logical_and_.default, valid, not_new)
-            row = call(aten.squeeze.dim, call(aten.index_select.default, valid, 0, slot), 0)
-            if in_range is not None:
-                row = call(aten.logical_and.default, row, in_range)
-            score = gate_score(call, gm, gates, i, m, batch, sync)
-            skip = call(aten.logical_and.default, call(aten.gt.Tensor, score, threshold), row)
+                call(aten.logical_and_.default, st.valid, not_new)
+            valid = row(st.valid)
+            may = valid if in_range is None else call(aten.logical_and.default, valid, in_range)
+            age = row(st.age) if st.age is not None else None
+            if cfg.max_age is not None:
+                may = call(aten.logical_and.default, may, call(aten.lt.Scalar, age, cfg.max_age))
+            current = None
+            if leader == i:
+                sums = token_sums(call, m, batch, sync)
+                drift = None
+                if st.pools:
+                    current = means(call, sums)
+                    drift = drift_of(call, current, [row(p) for p in st.pools], valid)
+                logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift)
+                score = call(aten.sigmoid.default, logit)
+                decided[i] = (score, call(aten.gt.Tensor, score, threshold))
+            score, want = decided[leader]
+            skip = call(aten.logical_and.default, want, may)
             if sync is not None:  # a sample skips only where every rank may skip it
                 flags = call(aten._to_copy.default, skip, dtype=torch.int32)
                 skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
             everyone = call(aten.all.default, skip)
             anyone = call(aten.any.default, skip)
-            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in caches], batch)
-            operands = tuple(m.operands + caches + [slot, skip, anyone])
+            extra = []
+            if forecast:
+                t_fill, t_prev, has_prev = row(st.t_fill), row(st.t_prev), row(st.has_prev)
+                extra = [_forecast_factor(call, t, t_fill, t_prev, has_prev)]
+            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast)
+            operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, anyone] + extra)
             cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
             outs = [call(operator.getitem, cond, j) for j in range(len(m.streams))]
-            written = None if in_range is None else call(
-                aten.expand.default, call(aten.reshape.default, in_range, [1]), [batch])
-            for cache, out in zip(caches, outs):
+
+            # rows that computed refill the cache; rows that skipped keep it (with copies the
+            # output of a skipped row is its cache, so the plain write leaves it unchanged)
+            finite = None
+            for j, (cache, out) in enumerate(zip(st.caches, outs)):
                 src = _cast(call, out, value(cache).dtype)
-                call(aten.index_copy_.default, cache, 0, slot, call(aten.unsqueeze.default, src, 0))
-                # a row written from a NaN/Inf output (or one that overflows cache_dtype) is never reused
                 ok = _finite_rows(call, src, batch)
-                written = ok if written is None else call(aten.logical_and.default, written, ok)
-            if cfg.max_reuse == 1:  # a row just reused may not be reused again next step
-                written = call(aten.logical_and.default, written, call(aten.logical_not.default, skip))
-            call(aten.index_copy_.default, valid, 0, slot, call(aten.unsqueeze.default, written, 0))
+                finite = ok if finite is None else call(aten.logical_and.default, finite, ok)
+                if forecast:
+                    mask = _row_mask(call, skip, value(cache).shape[1:], batch)
+                    old = row(cache)
+                    put(st.prevs[j], call(aten.where.self, mask, row(st.prevs[j]), old))
+                    src = call(aten.where.self, mask, old, src)
+                put(cache, src)
+            written = _choose(call, skip, valid, finite)
+            if in_range is not None:
+                written = call(aten.logical_and.default, written, in_range)
+            if forecast:
+                put(st.t_prev, call(aten.where.self, skip, t_prev, t_fill))
+                put(st.t_fill, call(aten.where.self, skip, t_fill, t))
+                put(st.has_prev, _choose(call, skip, has_prev, valid))
+            put(st.valid, written)
+            if st.age is not None:
+                put(st.age, call(aten.where.ScalarOther, skip, call(aten.add.Tensor, age, 1), 0.0))
+            for pool, mean in zip(st.pools, current or []):
+                put(pool, call(aten.where.self, call(aten.unsqueeze.default, skip, 1), row(pool), mean))
         for out, s in zip(outs, m.streams):
             out.meta["val"] = _dense_value(value(s.y))
             s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u not in m.nodes)
@@ -131,6 +213,29 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     graph.lint()
     log.info("insert_gates: %d conditionals", len(matches))
     return gm
+
+
+def _choose(call, cond, a, b):
+    """``where(cond, a, b)`` for bool tensors, as logic: onnxruntime has no bool ``Where``."""
+    keep = call(aten.logical_and.default, cond, a)
+    return call(aten.logical_or.default, keep, call(aten.logical_and.default, call(aten.logical_not.default, cond), b))
+
+
+def _forecast_factor(call, t, t_fill, t_prev, has_prev):
+    """(t - t_fill) / (t_fill - t_prev) per row, 0 where the row has no previous output."""
+    span = call(aten.sub.Tensor, t_fill, t_prev)
+    ok = call(aten.logical_and.default, has_prev, call(aten.ne.Scalar, span, 0))
+    safe = call(aten.where.ScalarOther, ok, span, 1.0)
+    return call(aten.where.ScalarOther, ok, call(aten.div.Tensor, call(aten.sub.Tensor, t, t_fill), safe), 0.0)
+
+
+def _row_mask(call, flags, row_shape, batch):
+    """(B,) flags as a mask over a site's rows (rows, ...): frames folded into the batch dim
+    share their sample's flag (rows are sample-major)."""
+    rows = row_shape[0]
+    if rows != batch:
+        flags = call(aten.expand.default, call(aten.reshape.default, flags, [-1, 1]), [batch, rows // batch])
+    return call(aten.reshape.default, flags, [-1] + [1] * (len(row_shape) - 1))
 
 
 def _position(graph: fx.Graph):
@@ -152,38 +257,6 @@ def _finite_rows(call, node, batch):
     the leading dim."""
     rows = call(aten.reshape.default, node, [batch, -1])
     return call(aten.isfinite.default, call(aten.sum.dim_IntList, rows, [1], False, dtype=torch.float32))
-
-
-def gate_score(call, gm, gates, i, m, batch, sync=None):
-    """Gate score of site ``i`` per sample, in fp32: sigmoid(sum over streams of sum_tokens(Z) . w + b).
-
-    Shared by the hard (``insert_gates``) and soft (``soft_blend``) rewrites. With tokens sharded over ranks the partial sums are added up across them, which gives
-    every rank the score of the unsharded model. Rows of a site are sample-major, so
-    ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where frames are
-    folded into the leading dim (Latte)."""
-    logit = None
-    for j, s in enumerate(m.streams):
-        z = s.z
-        if len(shape(z)) != 3 or shape(z)[0] != batch:
-            z = call(aten.reshape.default, z, [batch, -1, shape(z)[-1]])
-        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
-        w = _gate_param(call, gm, gates.weight_name(i, j), gates.weight(i, j))
-        term = call(aten.mv.default, summed, w)
-        logit = term if logit is None else call(aten.add.Tensor, logit, term)
-    if sync is not None and sync[0] == "sharded":
-        from lazypass.distributed import all_reduce
-
-        logit = all_reduce(call, logit, "sum", sync[1])
-    b = call(aten.select.int, _gate_param(call, gm, "lazy_gate_bias", gates.bias), 0, gates.bias_index(i))
-    return call(aten.sigmoid.default, call(aten.add.Tensor, logit, b))
-
-
-def _gate_param(call, gm, name, param):
-    if not hasattr(gm, name):
-        setattr(gm, name, param)
-    node = gm.graph.get_attr(name)
-    node.meta["val"] = torch.empty(param.shape, dtype=param.dtype, device="meta")
-    return node if param.dtype == torch.float32 else call(aten._to_copy.default, node, dtype=torch.float32)
 
 
 def branch_graph(m, extra: tuple[str, ...] = ()) -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:
@@ -235,39 +308,53 @@ def _dense_value(v):
         return torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
 
-def _branches(gm, m, i, cache_dtypes, batch):
+def _branches(gm, m, i, cache_dtypes, batch, forecast: bool):
     """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute)."""
     n_out = len(m.streams)
-    names = tuple(f"cache_{j}" for j in range(n_out)) + ("slot", "skip", "anyone")
+    names = tuple(f"cache_{j}" for j in range(n_out))
+    if forecast:
+        names += tuple(f"prev_{j}" for j in range(n_out))
+    names += ("slot", "skip", "anyone") + (("factor",) if forecast else ())
     dtypes = list(zip([value(s.y).dtype for s in m.streams], cache_dtypes))
+
+    def reused(g, inputs):
+        """The value a skipped row returns, per stream."""
+        by_name = dict(zip(names, inputs))
+        out = []
+        for j, (s, d) in enumerate(zip(m.streams, dtypes)):
+            c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
+            if forecast:
+                p = _read(g, by_name[f"prev_{j}"], by_name["slot"], *d)
+                f = _row_mask(lambda t, *a: g.call_function(t, a), by_name["factor"], shape(s.y), batch)
+                f = g.call_function(aten._to_copy.default, (f,), {"dtype": d[0]})
+                slope = g.call_function(aten.sub.Tensor, (c, p))
+                c = g.call_function(aten.add.Tensor, (c, g.call_function(aten.mul.Tensor, (slope, f))))
+            out.append(c)
+        return out
 
     reuse = fx.Graph()
     for k in range(len(m.operands)):
         reuse.placeholder(f"operand_{k}")
-    *caches, slot, _, _ = [reuse.placeholder(name) for name in names]
-    reuse.output(tuple(_read(reuse, c, slot, *d) for c, d in zip(caches, dtypes)))
+    reuse.output(tuple(reused(reuse, [reuse.placeholder(name) for name in names])))
 
     compute, _, outs = branch_graph(m, names)
     compute.output(tuple(_dense(compute, o, s) for o, s in zip(outs, m.streams)))
 
-    mixed, (*caches, slot, skip, _), outs = branch_graph(m, names)
+    mixed, extras, outs = branch_graph(m, names)
+    skip = extras[names.index("skip")]
     rows = []
-    for out, cache, s, d in zip(outs, caches, m.streams, dtypes):
-        rows_of, rank = shape(s.y)[0], len(shape(s.y))
-        mask = skip
-        if rows_of != batch:  # frames folded into the batch dim: one flag per sample's rows
-            mask = mixed.call_function(aten.reshape.default, (skip, [-1, 1]))
-            mask = mixed.call_function(aten.expand.default, (mask, [batch, rows_of // batch]))
-        mask = mixed.call_function(aten.reshape.default, (mask, [-1] + [1] * (rank - 1)))
-        rows.append(mixed.call_function(aten.where.self, (mask, _read(mixed, cache, slot, *d), out)))
+    for out, old, s in zip(outs, reused(mixed, extras), m.streams):
+        mask = _row_mask(lambda t, *a: mixed.call_function(t, a), skip, shape(s.y), batch)
+        rows.append(mixed.call_function(aten.where.self, (mask, old, out)))
     mixed.output(tuple(_dense(mixed, r, s) for r, s in zip(rows, m.streams)))
 
     decide = fx.Graph()
     inputs = [decide.placeholder(f"operand_{k}") for k in range(len(m.operands))]
     inputs += [decide.placeholder(name) for name in names]
+    anyone = inputs[len(m.operands) + names.index("anyone")]
     mixed_attr = decide.get_attr("mixed")
     compute_attr = decide.get_attr("compute")
-    inner = decide.call_function(torch.ops.higher_order.cond, (inputs[-1], mixed_attr, compute_attr, tuple(inputs)))
+    inner = decide.call_function(torch.ops.higher_order.cond, (anyone, mixed_attr, compute_attr, tuple(inputs)))
     decide.output(tuple(decide.call_function(operator.getitem, (inner, j)) for j in range(n_out)))
     decide_module = torch.nn.Module()
     decide_module.mixed = fx.GraphModule(torch.nn.Module(), mixed)

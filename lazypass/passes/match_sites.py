@@ -432,16 +432,12 @@ def find_timestep(gm: fx.GraphModule, cfg: LazyConfig) -> fx.Node | None:
     return (named or found)[0]
 
 
-def site_records(info: GraphInfo, cfg: LazyConfig) -> list[Site]:
-    """Report-ready records of the matches of an analysed graph."""
+def site_records(info: GraphInfo) -> list[Site]:
+    """Report-ready records of the sites of an analysed graph; after ``insert_gates`` their
+    ``cache_bytes`` count the state it keeps per site (0 before, and for the soft program)."""
     out = []
     for i, m in enumerate(info.matches):
         zshapes = [shape(s.z) for s in m.streams]
-        yvals = [value(s.y) for s in m.streams]
-        dtype = cfg.cache_torch_dtype
-        nbytes = sum(
-            math.prod(v.shape) * (dtype.itemsize if dtype else v.dtype.itemsize) for v in yvals
-        ) * cfg.calls_per_step
         out.append(
             Site(
                 index=i,
@@ -449,9 +445,9 @@ def site_records(info: GraphInfo, cfg: LazyConfig) -> list[Site]:
                 path=m.path,
                 tokens=tuple(math.prod(z[1:-1]) for z in zshapes),
                 dims=tuple(z[-1] for z in zshapes),
-                out_shapes=tuple(tuple(v.shape) for v in yvals),
+                out_shapes=tuple(tuple(value(s.y).shape) for s in m.streams),
                 macs=m.macs,
-                cache_bytes=int(nbytes),
+                cache_bytes=sum(spec.nbytes for spec in info.state_specs if spec.site == i),
             )
         )
     return out

@@ -93,23 +93,21 @@ def traceable(model: nn.Module):
     compute dtype puts cast copies of the weights in place of the parameters (ops in the
     graph, read from the stored weights), and the cast back restores the parameters.
     """
-    patched = []
+    patched: dict[nn.Module, list] = {}  # module -> (slots, name, tensor, cast) its cast put aside
     for m in model.modules():
         registry = _registry(m)
         hook = registry.get_hook("layerwise_casting") if registry is not None else None
-        if hook is None:
-            continue
-        saved: list = []
-        m.__dict__["to"] = _functional_to(m, hook.compute_dtype, saved)
-        patched.append(m)
+        if hook is not None:
+            m.__dict__["to"] = _functional_to(m, hook.compute_dtype, patched.setdefault(m, []))
     try:
         yield
     finally:
-        for m in patched:
+        for m, aside in patched.items():
+            _restore(aside)  # a capture that failed inside the module never cast it back
             m.__dict__.pop("to", None)
 
 
-def _functional_to(module: nn.Module, compute: torch.dtype, saved: list):
+def _functional_to(module: nn.Module, compute: torch.dtype, aside: list):
     def to(*args, dtype=None, **kwargs):
         if dtype is None:
             dtype = next((a for a in args if isinstance(a, torch.dtype)), None)
@@ -118,15 +116,20 @@ def _functional_to(module: nn.Module, compute: torch.dtype, saved: list):
                 for slots in (sub._parameters, sub._buffers):
                     for name, t in list(slots.items()):
                         if t is not None and t.is_floating_point() and t.dtype != compute:
-                            saved.append((slots, name, t))
-                            slots[name] = t.to(compute)
+                            slots[name] = cast = t.to(compute)
+                            aside.append((slots, name, t, cast))
         else:
-            while saved:
-                slots, name, t = saved.pop()
-                slots[name] = t
+            _restore(aside)
         return module
 
     return to
+
+
+def _restore(aside: list) -> None:
+    while aside:
+        slots, name, t, cast = aside.pop()
+        if slots.get(name) is cast:  # not already put back by export's own clean-up
+            slots[name] = t
 
 
 __all__ = ["CASTING", "CacheHookError", "cache_hook_error", "classify", "traceable"]

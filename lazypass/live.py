@@ -9,10 +9,11 @@ two levels:
   module / parameter / buffer registrations (torch's global registration hooks, installed
   once when this module is imported) and torch's hook-handle counter
   (``RemovableHandle.next_id``, which moves when any hook is registered anywhere);
-- what changes without going through either: the identity of every parameter, ``forward`` of
-  every submodule (diffusers' and accelerate's hooks replace it), attention processors
-  that are not modules (and their attention backend), PEFT's adapter switches
-  (enabled, active, merged, scaling), and the hook dicts of modules that had hooks.
+- what changes without going through either: the identity of every parameter, the children
+  of every module (``del parent.child``, ``ModuleList.pop``), ``forward`` of every submodule
+  (diffusers' and accelerate's hooks replace it), attention processors that are not modules
+  (and their attention backend), PEFT's adapter switches (enabled, active, merged, scaling),
+  and the hook dicts of modules that had hooks.
 
 Only when one of these differs is the whole model fingerprinted again (module and
 parameter identities, hooks, adapters); if that fingerprint differs too, the model
@@ -86,6 +87,8 @@ class Watch:
             d = m.__dict__
             if name:
                 dicts.append(d), keys.append("forward")
+            if m._modules:  # by content: `del parent.child` and ModuleList.pop pass no hook
+                dicts.append(d), keys.append("_modules")
             for k in _ATTRS:
                 if k in d:
                     dicts.append(d), keys.append(k)

@@ -102,6 +102,20 @@ def test_adapter_switches_and_fusing_are_followed(name):
     assert float((seen[0] - seen[1]).abs().max()) > 1e-3  # switching changed something
 
 
+def test_a_lora_scale_per_call_gets_a_program_of_its_own():
+    z, model, plain = _pair("sd3")
+    _run(z, model)
+    for m in (model, plain):
+        _add_lora(m)
+    outs = []
+    for scale in (0.5, 1.0, 0.5):
+        out, lazy = _ran_lazy(model, lambda: _run(z, model, joint_attention_kwargs={"scale": scale}))
+        assert lazy and _close(out, _run(z, plain, joint_attention_kwargs={"scale": scale}))
+        outs.append(out)
+    assert not _close(outs[0], outs[1], 1e-3) and torch.equal(outs[0], outs[2])
+    assert len(runtime(model).programs) == 2
+
+
 def test_a_replaced_processor_is_followed():
     from diffusers.models.attention_processor import JointAttnProcessor2_0
 
@@ -132,6 +146,16 @@ def test_a_parameter_replaced_by_a_new_tensor_is_followed():
                 lin._parameters["weight"] = nn.Parameter(new.clone())
         out, lazy = _ran_lazy(model, lambda: _run(z, model))
         assert lazy and _close(out, _run(z, plain))
+
+
+def test_a_deleted_module_is_followed():
+    z, model, plain = _pair("pixart")
+    before = _run(z, model)
+    for m in (model, plain):  # ModuleList.__delitem__ passes no registration hook
+        del m.transformer_blocks[-1]
+    out, lazy = _ran_lazy(model, lambda: _run(z, model))
+    assert lazy and _close(out, _run(z, plain)) and not _close(out, before, 1e-3)
+    assert len(runtime(model).program.sites) < len(model.lazy_gates.layout)  # the gates of the blocks left
 
 
 def test_in_place_weight_updates_need_no_new_trace():

@@ -159,6 +159,12 @@ def exported_call(rt, args: tuple, kwargs: dict):
     buffers (read through the module, so export sees them as buffers); the user's outputs only."""
     from torch.utils import _pytree as pytree
 
+    if not torch.compiler.is_dynamo_compiling() and not rt.watch.same_structure():
+        raise RuntimeError(
+            f"lazypass: {type(rt.model).__name__} changed since it was traced (modules, adapters, attention "
+            "processors or hooks), and tracing cannot run inside torch.export. Call the lazy model once eagerly "
+            "(or lazypass.trace(model, *inputs)) after the change, then export"
+        )
     leaves, spec = flatten_inputs(args, kwargs)
     key, prog = _traced(rt, leaves, spec, "torch.export", "exporting")
     state = getattr(rt.model, "lazy_state", None)

@@ -117,6 +117,13 @@ class Watch:
                 and [tuple(h) for h in self._hooked] == self._hook_keys
                 and self._ids() == self._param_ids)
 
+    def same_structure(self) -> bool:
+        """The per-call check without the counters and parameter identities, which
+        ``torch.export`` moves while it traces (it swaps parameters for fakes): modules,
+        processors, adapter switches and hooks are as they were."""
+        return (list(map(dict.get, self._dicts, self._keys)) == self._values
+                and [tuple(h) for h in self._hooked] == self._hook_keys)
+
     def update(self) -> bool:
         """Look at the whole model again; True if it changed since the last look.
 

@@ -158,6 +158,22 @@ def test_a_deleted_module_is_followed():
     assert len(runtime(model).program.sites) < len(model.lazy_gates.layout)  # the gates of the blocks left
 
 
+def test_an_export_after_a_change_exports_the_new_program():
+    z, model, plain = _pair("pixart")
+    _run(z, model)
+    for m in (model, plain):
+        _add_lora(m)
+    args, kwargs = z.inputs(2, 900, 0)
+    with pytest.raises(RuntimeError, match="changed since it was traced.*once eagerly"):
+        torch.export.export(model, args, kwargs, strict=False)
+    _run(z, model)
+    names = {n.split(".")[1] for n, _ in model.named_buffers() if n.startswith("lazy_state.")}
+    assert names == {"p0"}  # the dropped program's buffers are gone
+    ep = torch.export.export(model, args, kwargs, strict=False)
+    with torch.no_grad():
+        assert _close(z.output(ep.module()(*args, **kwargs)), z.output(plain(*args, **kwargs)))
+
+
 def test_in_place_weight_updates_need_no_new_trace():
     z, model, plain = _pair("pixart")
     _run(z, model)

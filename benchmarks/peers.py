@@ -96,6 +96,8 @@ BUDGETS = (0.5, 0.7)  # fractions of full compute the tables are read at
 EVAL_SEED, FIT_SEED, CAL_SEED = 0, 10_000, 20_000  # noise of evaluation, fitting, calibration: never shared
 TOLERANCE = 0.01  # a setting within this (fraction of full compute) of a budget is read as measured
 
+HOOKS = ("FirstBlockCache", "TaylorSeer", "MagCache", "PAB", "FasterCache", "SeaCache")
+
 # Why a hook is left out on a model, or how it was adapted (one line each; shown in peers.md).
 HOOK_NOTES = {
     "dit": {
@@ -186,9 +188,9 @@ def specs() -> dict[str, Spec]:
         "flow": Spec(
             "flow", "flow-matching digits (SD3Transformer2DModel, Euler)", 8, (7, 6, 5, 4, 3),
             sweeps=dict(lazypass=(0.25, 0.375, 0.5, 0.625), fixed=(0.25, 0.5, 0.625),
-                        FirstBlockCache=(0.05, 0.1, 0.2, 0.4), TaylorSeer=((2, 4), (2, 3), (2, 2), (3, 2), (4, 2)),
-                        MagCache=(0.06, 0.12, 0.25, 0.5), PAB=(2, 3, 5), FasterCache=(2, 3, 5),
-                        SeaCache=(0.1, 0.25, 0.5, 1.0)),
+                        FirstBlockCache=(0.2, 0.4, 0.6, 0.8), TaylorSeer=((2, 4), (2, 3), (2, 2), (3, 2), (4, 2)),
+                        MagCache=(0.06, 0.12, 0.18, 0.25), PAB=(2, 3, 5), FasterCache=(2, 3, 5),
+                        SeaCache=(0.15, 0.25, 0.5, 1.0)),
             taylor_blocks=r"transformer_blocks\.\d+\.(attn|ff|ff_context)", shim_blocks=True,
         ),  # fmt: skip
     }
@@ -257,9 +259,10 @@ class HookRunner(Runner):
 
     kind = "hook"
 
-    def __init__(self, module, steps, clock: Clock, registries: list, context: bool = True):
+    def __init__(self, module, steps, clock: Clock, registries: list, context: bool = True, extra=()):
         super().__init__(module, steps)
         self.clock, self.registries, self.context = clock, registries, context
+        self.context_modules = [module, *extra]  # where the stateful hooks are (a Shim's root hook too)
 
     def begin(self) -> None:
         for registry in self.registries:
@@ -270,14 +273,16 @@ class HookRunner(Runner):
 
         self.clock.t = float(t)
         if self.context:
-            _set_cache_context(self.module, CacheContext("cond", step_index=i, num_inference_steps=steps,
-                                                         timestep=t, sigma=sigma))  # fmt: skip
+            ctx = CacheContext("cond", step_index=i, num_inference_steps=steps, timestep=t, sigma=sigma)
+            for m in self.context_modules:
+                _set_cache_context(m, ctx)
 
     def end(self) -> None:
         from diffusers.hooks.hooks import _set_cache_context
 
         if self.context:
-            _set_cache_context(self.module, None)
+            for m in self.context_modules:
+                _set_cache_context(m, None)
 
 
 @torch.no_grad()
@@ -435,7 +440,7 @@ def hook_methods(spec: Spec, base: torch.nn.Module, clock: Clock, quick: bool, c
         root = registry(shim).get_hook("sea_cache_root")  # runs at every model call, as on the model itself
         m.register_forward_pre_hook(lambda mod, a, kw: root.pre_forward(mod, *a, **kw), with_kwargs=True)
         m.register_forward_hook(lambda mod, a, out: root.post_forward(mod, out))
-        return HookRunner(m, T, clock, [registry(m), registry(shim)])
+        return HookRunner(m, T, clock, [registry(m), registry(shim)], extra=[shim])
 
     notes = HOOK_NOTES[spec.name]
     table = [
@@ -683,8 +688,8 @@ class Evaluator:
         row.fd = frechet_distance(stats_m, self.real_stats)
         if self.full is None:  # the first setting measured is full compute
             self.full, self.full_stats, self.full_macs = images, stats_m, row.macs
-        row.fd_full = frechet_distance(stats_m, self.full_stats)
-        row.psnr = math.inf if images is self.full else psnr(images, self.full)
+        row.fd_full = max(0.0, frechet_distance(stats_m, self.full_stats))
+        row.psnr = math.inf if torch.equal(images, self.full) else psnr(images, self.full)
         row.fraction = row.macs / self.full_macs
         row.seconds = time.perf_counter() - start
         row.images = images[:8]
@@ -854,7 +859,8 @@ def _compile_text(c: dict | None) -> str:
         return "not run"
     f = c["fullgraph"]
     if f["ok"]:
-        return f"fullgraph works ({c['backend']}), {f['recompiles']} recompiles, diff {f['diff']:.1e}"
+        every = " (one per call: the hook's Python state is guarded)" if f["recompiles"] >= 2 else ""
+        return f"fullgraph works ({c['backend']}), {f['recompiles']} recompiles{every}, diff {f['diff']:.1e}"
     text = f"fullgraph fails ({c['backend']}): {f['error']}"
     if "recompile" in f["error"].lower():
         text += f" after {f['recompiles']} recompiles (one per call: the hook's Python state is guarded)"
@@ -1000,6 +1006,8 @@ def markdown(results: dict, args, meta: dict) -> str:
     for name, res in results.items():
         spec_title, full = res["title"], res["full"]
         lines += [f"## {spec_title}", ""]
+        lines += ["Wall time of this model's part: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["stages"].items())
+                  + ".", ""]
         lines += [f"{res['samples']} samples, CFG 1, {res['steps']} steps of {res['sampler']}; full compute: "
                   f"FD {full['fd']:.2f}, {full['macs'] / 1e6:.1f} M MACs per image, "
                   f"{_f(full['latency_b1'], '{:.1f}')} ms per image at batch 1, "
@@ -1039,8 +1047,8 @@ def markdown(results: dict, args, meta: dict) -> str:
                   "when every row skips it).", ""]  # fmt: skip
         lines += ["### Hooks on this model", ""]
         lines += [f"- **{k}**: {v}" for k, v in HOOK_NOTES[name].items()]
-        lines += ["- The others (FirstBlockCache, MagCache, PAB" + (", SeaCache" if name != "flow" else "")
-                  + ") apply as documented, with their defaults except the knob swept.", ""]
+        plain = [m for m in HOOKS if m not in HOOK_NOTES[name]]
+        lines += [f"- {', '.join(plain)}: apply as documented, with their defaults except the knob swept.", ""]
         gi = res["gates"]
         lines += ["### lazypass gates", "",
                   f"`lazypass.fit` with the library defaults, `target_ratio=0.5`, `num_inference_steps={res['steps']}`, "
@@ -1141,9 +1149,13 @@ def run_model(spec: Spec, args, classifier, real_stats, log) -> dict:
     cal = (torch.randn(n_cal, 1, 8, 8, generator=g), torch.randint(0, 10, (n_cal,), generator=g))
     clock = Clock()
     log(f"[{spec.name}] {spec.title}: {args.samples} samples, {spec.steps} steps")
+    stages = {}
+    t0 = time.perf_counter()
     methods, gate_info = build_methods(spec, base, args, clock, cal, log)
+    stages["setup (fit or load gates, thresholds, MagCache calibration)"] = time.perf_counter() - t0
     ev = Evaluator(spec, classifier, real_stats, noise, labels, args.eval_batch or args.samples)
     rows: list[Row] = []
+    t0 = time.perf_counter()
     for method in methods:
         for setting in method.settings:
             row = ev.measure(setting)
@@ -1151,11 +1163,15 @@ def run_model(spec: Spec, args, classifier, real_stats, log) -> dict:
             lazy = f" lazy {row.lazy_ratio:.1%}" if row.lazy_ratio is not None else ""
             log(f"  {row.method:16s} {row.knob:34s} compute {row.fraction:6.1%} (batch {row.batch_macs / ev.full_macs:6.1%})"
                 f"{lazy}  FD {row.fd:7.2f}  PSNR {row.psnr:6.2f}  {row.seconds:5.1f} s")  # fmt: skip
+    stages["FD / PSNR / MACs of every setting"] = time.perf_counter() - t0
     if args.latency_repeats > 0:
         t0 = time.perf_counter()
         latency(rows, spec, noise, labels, args.latency_images, args.latency_repeats)
-        log(f"  latency measured in {time.perf_counter() - t0:.0f} s")
+        stages["latency"] = time.perf_counter() - t0
+        log(f"  latency measured in {stages['latency']:.0f} s")
+    t0 = time.perf_counter()
     checks = correctness(rows, spec, noise, labels, args, log)
+    stages["correctness checks"] = time.perf_counter() - t0
     tables = budget_tables(rows)
     full = next(r for r in rows if r.method == "fewer steps" and r.steps == spec.steps)
     return dict(
@@ -1163,7 +1179,7 @@ def run_model(spec: Spec, args, classifier, real_stats, log) -> dict:
         eval_batch=args.eval_batch or args.samples, full=full.record(), rows=[r.record() for r in rows],
         tables={b: dict(values=t["values"], ranked=t["ranked"]) for b, t in tables.items()},
         who_wins=who_wins(spec, tables), gates=gate_info, correctness=checks,
-        seconds=round(time.perf_counter() - t_model, 1),
+        seconds=round(time.perf_counter() - t_model, 1), stages={k: round(v, 1) for k, v in stages.items()},
     )  # fmt: skip
 
 

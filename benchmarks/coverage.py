@@ -13,22 +13,34 @@ is downloaded) and checked through the public API:
 * compile: the lazy model under ``torch.compile(backend="lazydit", fullgraph=True)`` matches
   the eager lazy model over a step that computes and a step that reuses (by default only
   for a few models: Inductor needs minutes per model here; ``--compile all``);
-* onnx: ONNX export (not in lazypass yet).
+* onnx: ``lazypass.export_onnx`` (dynamic flavour: the decisions as ``If``) and the exported file
+  in onnxruntime (``lazypass.onnx.load``) against the eager lazy model over a step that computes
+  and a step that reuses every site (threshold -0.5), max abs error shown (``--onnx none`` skips
+  it: an export takes 1-2 minutes per model on a small CPU).
+
+``--markdown PATH`` writes the tables, with the command, versions, threads and the machine's
+load average, between the two markers ``BEGIN`` / ``END`` of an existing page (the prose
+around them stays, as in ``docs/coverage.md``), or a new page with only the tables.
 
 Run::
 
     PYTHONPATH=$PWD python benchmarks/coverage.py                 # all models
     PYTHONPATH=$PWD python benchmarks/coverage.py --models flux,sana
-    PYTHONPATH=$PWD python benchmarks/coverage.py --markdown coverage.md
+    PYTHONPATH=$PWD python benchmarks/coverage.py --markdown docs/coverage.md   # the committed page
     PYTHONPATH=$PWD python benchmarks/coverage.py --compile all     # slow
+    PYTHONPATH=$PWD python benchmarks/coverage.py --onnx none       # without the ONNX column
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import re
 import os
+import platform
+import shlex
 import sys
+import tempfile
 import time
 import warnings
 
@@ -39,15 +51,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lazypass  # noqa: E402
 from lazypass.ops import macs, op_kind  # noqa: E402
 from lazypass.runtime import runtime  # noqa: E402
-from tests.zoo import SKIPPED, ZOO  # noqa: E402
+from tests.zoo import SKIPPED, ZOO, diffusers_transformers  # noqa: E402
 
 STEPS = (900, 600)
 COMPILE_DEFAULT = ("dit", "flux", "sana")
+BEGIN = "<!-- benchmarks/coverage.py --markdown writes from here -->"
+END = "<!-- to here -->"
 HEADERS = ["model", "class", "traced", "sites", "attn ops", "MACs", "parity", "reuse", "compile", "onnx", "note"]
 
 
 def _short(e: BaseException, n: int = 90) -> str:
-    msg = " ".join(str(e).split())
+    msg = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(e)).split())  # the ONNX exporter colours its messages
     return f"{type(e).__name__}: {msg[:n]}"
 
 
@@ -80,10 +94,10 @@ def _attn_cover(prog) -> str:
     return f"{inside}/{inside + outside}"
 
 
-def check(name: str, compile_check: bool = True) -> dict:
+def check(name: str, compile_check: bool = True, onnx_check: bool = True) -> dict:
     z = ZOO[name]
     row = dict.fromkeys(HEADERS, "")
-    row.update(model=name, onnx="n/a", note=z.note)
+    row.update(model=name, onnx="not run", note=z.note)
     row["class"] = z.cls
     model = z.build()
     ref = copy.deepcopy(model)
@@ -92,7 +106,7 @@ def check(name: str, compile_check: bool = True) -> dict:
         args, kwargs = z.inputs(2, STEPS[0], 0)
         sites = lazypass.report(model, *args, print_table=False, **kwargs)
     except Exception as e:  # noqa: BLE001 - the table reports why
-        row.update(traced=f"no ({_short(e, 40)})", sites="-", parity="-", reuse="-", compile="-")
+        row.update(traced=f"no ({_short(e, 40)})", sites="-", parity="-", reuse="-", compile="-", onnx="-")
         row["attn ops"] = row["MACs"] = "-"
         return row
     prog = next(iter(runtime(model).programs.values()))
@@ -127,7 +141,44 @@ def check(name: str, compile_check: bool = True) -> dict:
         row["reuse"] = f"fails ({_short(e)})"
 
     row["compile"] = _compile(z) if compile_check else "not run"
+    if onnx_check:
+        row["onnx"], row["_onnx"] = onnx_parity(z)
     return row
+
+
+def onnx_parity(z) -> tuple[str, float | None]:
+    """Export the lazy model (dynamic flavour) and run the file in onnxruntime against the
+    eager lazy model: step 1 computes every site, step 2 reuses every site (threshold -0.5).
+    Returns the table cell and the max abs error (None where it failed)."""
+    try:
+        import onnxruntime  # noqa: F401
+
+        import lazypass.onnx  # noqa: F401
+    except ImportError:
+        return "n/a (pip install lazypass[onnx])", None
+    try:
+        model = z.build()
+        args, kwargs = z.inputs(2, STEPS[0], 0)
+        lazypass.apply(model, example_inputs=args, example_kwargs=kwargs)
+        lazypass.set_threshold(model, -0.5)
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.onnx")
+            lazypass.export_onnx(model, path)
+            runner = lazypass.onnx.load(path)
+            err = 0.0
+            with lazypass.trajectory(model):
+                for k, t in enumerate(STEPS):
+                    a, kw = z.inputs(2, t, k)
+                    ref = _run(model, z, t, k)
+                    out = torch.as_tensor(z.output(runner(*a, **kw)))
+                    err = max(err, float((out - ref).abs().max()))
+                st = lazypass.stats(model)
+        same = [r["saved"].tolist() for r in runner.records] == st.saved.tolist()
+        reused = bool(runner.records[1]["saved"].all()) and not runner.records[0]["saved"].any()
+        ok = err <= 1e-4 and same and reused
+        return (f"yes ({err:.0e})" if ok else f"NO (err {err:.1e}, same decisions {same}, reused {reused})"), err
+    except Exception as e:  # noqa: BLE001 - the table reports why
+        return f"fails ({_short(e, 60)})", None
 
 
 def _compile(z) -> str:
@@ -159,18 +210,35 @@ def _compile(z) -> str:
 
 def _not_covered() -> list[list[str]]:
     """Every transformer class diffusers exports that the zoo does not build, with the reason."""
-    import inspect
-
-    import diffusers.models.transformers as transformers
-    from torch import nn
-
     built = {z.cls for z in ZOO.values()}
-    rows = []
-    for name in sorted(dir(transformers)):
-        obj = getattr(transformers, name)
-        if inspect.isclass(obj) and issubclass(obj, nn.Module) and name not in built:
-            rows.append([name, SKIPPED.get(name, "DiT-family; no tiny builder yet")])
-    return rows
+    return [
+        [name, SKIPPED.get(name, "NOT LISTED: add it to SKIPPED in tests/zoo.py, with the reason")]
+        for name in sorted(diffusers_transformers() - built)
+    ]
+
+
+def _conditions(argv, threads: int, loads: tuple[float, float]) -> str:
+    import diffusers
+
+    cmd = "PYTHONPATH=$PWD python benchmarks/coverage.py " + shlex.join(argv)
+    return (
+        f"Written by `{cmd.strip()}` with torch {torch.__version__}, diffusers {diffusers.__version__}, "
+        f"{threads} torch thread(s), on {platform.machine()} with {os.cpu_count()} cores (load average "
+        f"{loads[0]:.1f} at the start, {loads[1]:.1f} at the end)"
+    )
+
+
+def write_markdown(path: str, text: str) -> None:
+    """Put ``text`` between ``BEGIN`` and ``END`` of the page at ``path``, or write a new page."""
+    block = f"{BEGIN}\n{text.rstrip()}\n{END}"
+    old = open(path).read() if os.path.exists(path) else ""
+    if BEGIN in old and END in old.split(BEGIN, 1)[1]:
+        head, rest = old.split(BEGIN, 1)
+        page = head + block + rest.split(END, 1)[1]
+    else:
+        page = "# Coverage: the DiT-family transformers of diffusers\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(page)
 
 
 def main(argv=None) -> list[dict]:
@@ -180,7 +248,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--compile", default=",".join(COMPILE_DEFAULT),
                    help="models to check under torch.compile (Inductor takes minutes per model on a small "
                         "CPU): comma-separated names, 'all' or 'none' (default: %(default)s)")
+    p.add_argument("--onnx", default="all",
+                   help="models to export to ONNX and check in onnxruntime (1-2 minutes per model on a small CPU): "
+                        "comma-separated names, 'all' or 'none' (default: %(default)s)")
     p.add_argument("--sites", action="store_true", help="print each model's site table too")
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = p.parse_args(argv)
     names = a.models.split(",") if a.models else list(ZOO)
     unknown = [n for n in names if n not in ZOO]
@@ -188,17 +260,18 @@ def main(argv=None) -> list[dict]:
         p.error(f"unknown model(s) {unknown}; known: {', '.join(ZOO)}")
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    rows, start = [], time.time()
+    rows, start, load_start = [], time.time(), os.getloadavg()[0]
     for name in names:
         t0 = time.time()
         try:
-            row = check(name, compile_check=a.compile == "all" or name in a.compile.split(","))
+            row = check(name, compile_check=a.compile == "all" or name in a.compile.split(","),
+                        onnx_check=a.onnx == "all" or name in a.onnx.split(","))
         except Exception as e:  # noqa: BLE001 - building the model itself failed
             row = dict.fromkeys(HEADERS, "-")
             row.update(model=name, traced=f"no (build: {_short(e)})")
             row["class"] = ZOO[name].cls
         rows.append(row)
-        print(f"{name}: {time.time() - t0:.1f}s", file=sys.stderr)
+        print(f"{name}: {time.time() - t0:.1f}s  traced={row['traced']}  onnx={row['onnx']}", file=sys.stderr, flush=True)
         if a.sites and "_sites" in row:
             from lazypass.report import site_table
 
@@ -212,18 +285,21 @@ def main(argv=None) -> list[dict]:
     if not a.models:
         print()
         print(tabulate(missing, headers=["not covered", "why"]))
-    if a.markdown:
-        with open(a.markdown, "w") as f:
-            f.write(tabulate(table, headers=HEADERS, tablefmt="github") + "\n")
-            if not a.models:
-                f.write("\n" + tabulate(missing, headers=["not covered", "why"], tablefmt="github") + "\n")
     traced = [r for r in rows if r["traced"] == "yes"]
     parity_ok = [r for r in traced if r.get("_parity", 1.0) <= 1e-4]
     reuse_ok = [r for r in traced if str(r["reuse"]).startswith("yes")]
-    print(
+    onnx_ok = [r for r in traced if str(r["onnx"]).startswith("yes")]
+    summary = (
         f"coverage: models={len(rows)} traced={len(traced)} parity_ok={len(parity_ok)} "
-        f"reuse_ok={len(reuse_ok)} not_built={len(missing)} seconds={time.time() - start:.0f}"
+        f"reuse_ok={len(reuse_ok)} onnx_ok={len(onnx_ok)} not_built={len(missing)} seconds={time.time() - start:.0f}"
     )
+    if a.markdown:
+        text = _conditions(argv, torch.get_num_threads(), (load_start, os.getloadavg()[0]))
+        text += f"; it ended with `{summary}`:\n\n" + tabulate(table, headers=HEADERS, tablefmt="github") + "\n"
+        if not a.models:
+            text += "\n" + tabulate(missing, headers=["not covered", "why"], tablefmt="github") + "\n"
+        write_markdown(a.markdown, text)
+    print(summary)
     return rows
 
 

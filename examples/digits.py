@@ -17,7 +17,8 @@ counted per sample, as the paper does), latency per image at batch 1 (median, wh
 sample really skips), PSNR against the full-compute run with the same number of steps as the
 lazy run (same noise), Frechet distance (FD) to the 1,797 real digits in the classifier's
 feature space, and the classifier's accuracy on the requested labels. "gap closed" is
-``(FD_DDIM - FD_method) / (FD_DDIM - FD_full)`` (DESIGN.md, Evaluation).
+``(FD_DDIM - FD_method) / (FD_DDIM - FD_full)``: the share of the FD that the fewer-step DDIM run
+at about the same compute loses and the method wins back (docs/digits.md).
 
 Writes ``grid.png`` (a row per method, CFG 1), ``heatmap.png`` (which site skipped at which
 step, the share of samples) and ``table.md`` under ``--out``.
@@ -42,6 +43,8 @@ from digits_eval import (
     DIT_PATH, NULL_CLASS, gates_path, accuracy, classifier_outputs, frechet_distance, gaussian_stats,
     load_classifier, load_digit_images, load_dit, psnr,
 )  # fmt: skip
+from lazypass.checkpoint import read_gates
+from lazypass.config import GATE_OPTIONS
 from lazypass.runtime import runtime
 from lazypass.sampling import ddim_sample
 
@@ -94,10 +97,12 @@ class Run:
 class Sampler:
     """The plain model, one lazy copy (gates swapped per method), and their MAC counts."""
 
-    def __init__(self, model: torch.nn.Module, gates_dir: Path | None = None, max_reuse: int | None = None):
+    def __init__(self, model: torch.nn.Module, gates_dir: Path | None = None):
         self.plain = model
         self.gates_dir = gates_dir
-        self.lazy = lazypass.apply(copy.deepcopy(model), max_reuse=max_reuse)
+        # the lazy copy takes the options the gates were fitted under (reuse, max_age, ...)
+        saved = read_gates(self.gate_file(Method("", "lazy", 20, 0.5))).config
+        self.lazy = lazypass.apply(copy.deepcopy(model), **{k: saved[k] for k in GATE_OPTIONS})
         self.program(1)  # trace now: the gates exist from here on
 
     def load(self, method: Method) -> None:
@@ -276,7 +281,6 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine busy with other jobs)")
     p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
     p.add_argument("--gates-dir", type=Path, default=None, help="folder of gate files (default examples/assets)")
-    p.add_argument("--max-reuse", type=int, default=None, help="1: never reuse a cache twice in a row")
     p.add_argument("--out", type=Path, default=Path("docs/digits"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -288,7 +292,7 @@ def main(argv=None) -> dict:
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.samples, 1, 8, 8, generator=g)
     labels = torch.arange(args.samples) % 10
-    sampler = Sampler(model, args.gates_dir, args.max_reuse)
+    sampler = Sampler(model, args.gates_dir)
     for m in METHODS:
         if m.kind == "lazy" and not sampler.gate_file(m).exists():
             raise FileNotFoundError(f"{sampler.gate_file(m)} not found; fit it with `python examples/fit_digits_gates.py`")

@@ -37,7 +37,7 @@ def batches(batch: int, seed: int):
 
 
 def fit_one(ratio: float, steps: int, args) -> dict:
-    model = lazypass.apply(load_dit(args.dit), rho=args.rho, max_reuse=args.max_reuse)
+    model = lazypass.apply(load_dit(args.dit), rho=args.rho, max_age=args.max_age)
     start = time.perf_counter()
     result = lazypass.fit(
         model, batches(args.batch, args.seed), steps=args.fit_steps, lr=args.lr, target_ratio=ratio,
@@ -67,7 +67,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--only", type=float, default=None, help="fit only this target ratio")
     p.add_argument("--out-dir", type=Path, default=None, help="default examples/assets")
     p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
-    p.add_argument("--max-reuse", type=int, default=None, help="1: never reuse a cache twice in a row")
+    p.add_argument("--max-age", type=int, default=None, help="1: never reuse a cache twice in a row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     return [fit_one(r, s, args) for r, s in TARGETS if args.only is None or r == args.only]

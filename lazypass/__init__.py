@@ -1,23 +1,33 @@
 """lazypass: LazyDiT as a compiler pass. Learned in-graph skip gates for diffusion transformers."""
 
-from lazypass.checkpoint import load_gates, save_gates
-from lazypass.config import LazyConfig
-from lazypass.gates import LazyGates
-from lazypass.passes import NoSitesError, Site
-from lazypass.report import Stats, report, stats
-from lazypass.runtime import apply, reset, set_threshold, trace, trajectory
-from lazypass.backends import inductor as _inductor
+try:
+    import torch as _torch
+except ImportError:  # a runner-only install (a phone, a server without torch): lazypass.onnx still works
+    _torch = None
 
-_inductor.register()  # torch.compile(model, backend="lazydit")
+if _torch is not None:
+    from lazypass.checkpoint import load_gates, save_gates
+    from lazypass.config import LazyConfig
+    from lazypass.gates import LazyGates
+    from lazypass.passes import NoSitesError, Site
+    from lazypass.report import Stats, report, stats
+    from lazypass.runtime import apply, reset, set_threshold, trace, trajectory
+    from lazypass.backends import inductor as _inductor
 
-# Fitting pulls in torch.distributed and the samplers; it loads on first use.
+    _inductor.register()  # torch.compile(model, backend="lazydit")
+
+# Fitting pulls in torch.distributed and the samplers, export_onnx the ONNX exporter, and
+# lazypass.onnx onnxruntime / MNN; each loads on first use.
 _LAZY = {name: "lazypass.fitting" for name in ("fit", "fit_pipeline", "FitConfig", "FitResult")}
+_LAZY["export_onnx"] = "lazypass.backends.onnx"
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name == "onnx":  # the runner module (torch-free)
+        return importlib.import_module("lazypass.onnx")
+    if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
@@ -33,9 +43,11 @@ __all__ = [
     "Site",
     "Stats",
     "apply",
+    "export_onnx",
     "fit",
     "fit_pipeline",
     "load_gates",
+    "onnx",
     "report",
     "reset",
     "save_gates",

@@ -13,6 +13,15 @@ Dynamo traces the lazy ``forward`` into :func:`compiled_call`. It must stay one 
   list that grows would be a guard on its length and a recompile per call).
 
 Eager and compiled calls keep separate caches; ``stats`` reads whichever ran last.
+
+``torch.export.export(lazy_model, args)`` runs :func:`exported_call`: the same program on
+the same buffers, which are registered on the model as ``model.lazy_state.p<i>.<state
+name>`` (non-persistent, so not in the state dict) so that export sees them as module
+buffers it may mutate, not as constants. The exported program carries them as explicit
+buffer inputs and in-place updates (``BUFFER_MUTATION`` outputs after
+``run_decompositions``); ``ep.module()`` keeps them, as torch.export does with every
+buffer, so it threads the state between its calls and shares it with the model's
+compiled calls.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from lazypass.tracing import flatten_inputs, signature
 
@@ -90,6 +100,30 @@ def swap_live(rt, snapshot: dict | None) -> dict | None:
     return current
 
 
+class StateBuffers(nn.Module):
+    """``model.lazy_state``: the live buffers of every traced program, ``p<i>.<state name>``
+    in the order the programs were traced, so that ``torch.export`` finds them."""
+
+    def __init__(self, rt):
+        super().__init__()
+        self.keys = []
+        for key, live in rt.live.items():
+            child = nn.Module()
+            for spec, t in zip(rt.programs[key].state_specs[1:], live.tensors):
+                child.register_buffer(spec.name, t, persistent=False)
+            self.add_module(f"p{len(self.keys)}", child)
+            self.keys.append(key)
+
+    def tensors(self, key) -> list[torch.Tensor]:
+        child = getattr(self, f"p{self.keys.index(key)}")
+        return list(child._buffers.values())  # in state_specs[1:] order; export's fakes while exporting
+
+
+def register_buffers(rt) -> None:
+    """(Re)build ``model.lazy_state`` from the runtime's live buffers."""
+    rt.model.lazy_state = StateBuffers(rt)
+
+
 def compiled_records(rt) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The (skipped, saved, scores) of the compiled calls since the last reset, oldest first."""
     if rt.program is None or rt.program.key not in rt.live:
@@ -100,19 +134,43 @@ def compiled_records(rt) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return [tuple(r[i] for r in live.records) for i in order]
 
 
-def compiled_call(rt, args: tuple, kwargs: dict):
-    """The lazy forward as dynamo traces it: the program on the persistent buffers."""
-    from torch.utils import _pytree as pytree
-
-    leaves, spec = flatten_inputs(args, kwargs)
+def _traced(rt, leaves, spec, inside: str, before: str):
     key = signature(rt.model, leaves, spec)
     prog = rt.programs.get(key)
     if prog is None:
         raise RuntimeError(
             f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet, and tracing "
-            "(torch.export) cannot run inside torch.compile. Call the lazy model once eagerly with inputs "
-            "of the same shapes, or use lazypass.trace(model, *inputs), before calling the compiled model"
+            f"(torch.export) cannot run inside {inside}. Call the lazy model once eagerly with inputs "
+            f"of the same shapes, or use lazypass.trace(model, *inputs), before {before}"
         )
+    return key, prog
+
+
+def exported_call(rt, args: tuple, kwargs: dict):
+    """The lazy forward as ``torch.export`` traces it: the program on ``model.lazy_state``'s
+    buffers (read through the module, so export sees them as buffers); the user's outputs only."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = flatten_inputs(args, kwargs)
+    key, prog = _traced(rt, leaves, spec, "torch.export", "exporting")
+    state = getattr(rt.model, "lazy_state", None)
+    if not isinstance(state, StateBuffers) or key not in state.keys:
+        register_buffers(rt)  # a copy of the model, or buffers replaced by the user: too late for export
+        raise RuntimeError(
+            "lazypass: the state buffers of this model were not registered before torch.export started "
+            "(model.lazy_state); they are now: export again"
+        )
+    # no grad-mode switch here: export turns one into a subgraph that cannot hold cond's branches
+    outs = prog.core(*leaves, rt.live[key].threshold, *state.tensors(key))
+    return pytree.tree_unflatten(list(outs[: prog.n_user_outputs]), prog.out_spec)
+
+
+def compiled_call(rt, args: tuple, kwargs: dict):
+    """The lazy forward as dynamo traces it: the program on the persistent buffers."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = flatten_inputs(args, kwargs)
+    key, prog = _traced(rt, leaves, spec, "torch.compile", "calling the compiled model")
     live = rt.live[key]
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
     with torch.set_grad_enabled(grad):

@@ -21,7 +21,8 @@ import torch.fx as fx
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from lazypass.compiled import RECORDS, compiled_call, live_state, reset_live, swap_live
+from lazypass.compiled import (RECORDS, compiled_call, exported_call, live_state, register_buffers,
+                               reset_live, swap_live)
 from lazypass.config import LazyConfig, check_threshold
 from lazypass.gates import LazyGates
 from lazypass.passes import INFERENCE, TRAINING, NoSitesError, Site, StateSpec, eager_twin, run_passes
@@ -105,6 +106,7 @@ class Runtime:
             if mode == "hard":
                 device = _device(leaves, self.model)
                 self.live[key] = live_state(prog, self.threshold_tensor(device), device)
+                register_buffers(self)  # model.lazy_state, for torch.export
         return prog, leaves
 
     def __deepcopy__(self, memo):
@@ -311,6 +313,8 @@ def apply(
 def _lazy_forward(self, *args, **kwargs):
     """Lazy forward (lazypass): gated branches with per-run caches."""
     rt = runtime(self)
+    if torch.compiler.is_exporting():
+        return exported_call(rt, args, kwargs)
     if torch.compiler.is_compiling():
         return compiled_call(rt, args, kwargs)
     return rt(*args, **kwargs)

@@ -16,6 +16,17 @@ from torch import nn
 from lazypass.models import tiny_dit
 
 
+# The project's batch tolerance: a sample's result must not depend on the rest of its batch, but
+# CPU kernels round differently for different batch sizes (and thread counts), and sampling
+# magnifies model outputs (x0 = x_t / sqrt(abar)); so relative as well as absolute.
+BATCH_TOL = 1e-5
+
+
+def assert_batch_close(actual, expected, tol: float = BATCH_TOL) -> None:
+    """Results of a batch and of its parts (one at a time, split CFG, shards) agree to ``tol``."""
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
 def random_gates(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
     """Seeded random gate values, so that decisions differ between samples and steps."""
     g = torch.Generator().manual_seed(seed)
@@ -24,13 +35,14 @@ def random_gates(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
             p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-def nonzero(model: nn.Module, seed: int) -> nn.Module:
-    """Zero-initialised layers (adaLN-Zero) would make every branch a no-op; give them weights."""
+def nonzero(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    """Zero-initialised layers (adaLN-Zero) would make every branch a no-op: give every all-zero
+    parameter small seeded random values. Returns the model in eval mode."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=g) * std)
     return model.eval()
 
 
@@ -53,15 +65,16 @@ def _ref_dit_inputs(b, t, seed):
     return (torch.randn(b, 4, 8, 8, generator=g), torch.full((b,), t), torch.randint(0, 10, (b,), generator=g)), {}
 
 
-def _diffusers_dit():
+def diffusers_dit(seed: int = 0, classes: int = 10):
+    """A 2-block DiTTransformer2DModel on 8x8x4 latents (also the transformer of tests/pipelines.py)."""
     from diffusers import DiTTransformer2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=1,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=classes, norm_num_groups=1,
     )
-    return nonzero(m, 0)
+    return nonzero(m, seed)
 
 
 def _diffusers_dit_inputs(b, t, seed):
@@ -72,16 +85,17 @@ def _diffusers_dit_inputs(b, t, seed):
     )
 
 
-def _pixart():
+def pixart(seed: int = 0):
+    """A 2-block PixArtTransformer2DModel on 8x8x4 latents, 24-d captions (also in tests/pipelines.py)."""
     from diffusers import PixArtTransformer2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     m = PixArtTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
         sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=24,
         use_additional_conditions=False,
     )
-    return nonzero(m, 0)
+    return nonzero(m, seed)
 
 
 def _pixart_inputs(b, t, seed):
@@ -171,11 +185,11 @@ ARCHS = {
         ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"], ["attn", "ffn"] * 2,
     ),
     "diffusers_dit": Arch(
-        "diffusers_dit", _diffusers_dit, _diffusers_dit_inputs,
+        "diffusers_dit", diffusers_dit, _diffusers_dit_inputs,
         [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "ff")], ["attn", "ffn"] * 2,
     ),
     "pixart": Arch(
-        "pixart", _pixart, _pixart_inputs,
+        "pixart", pixart, _pixart_inputs,
         [f"transformer_blocks.{i}.{m}" for i in range(2) for m in ("attn1", "attn2", "ff")],
         ["attn", "attn", "ffn"] * 2,
     ),
@@ -190,3 +204,10 @@ ARCHS = {
         [f"blocks.{i}.{m}" for i in range(2) for m in ("attn", "mlp")], ["attn", "ffn"] * 2,
     ),
 }
+
+# The smallest lazy DiT (one block, two sites), for tests that run the real Inductor by default:
+# Inductor's code generation, not the model, takes the time there.
+ONE_BLOCK_DIT = Arch(
+    "one_block_dit", lambda: nonzero(tiny_dit(seed=0, depth=1), 0), _ref_dit_inputs,
+    ["blocks.0.attn", "blocks.0.mlp"], ["attn", "ffn"],
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.archs import nonzero
+from tests.archs import diffusers_dit, nonzero, pixart
 
 
 WORDS = ("a photo of the cat dog bird car tree house red green blue small big on in under sky water "
@@ -60,15 +60,11 @@ def tiny_t5(d_model: int):
 
 def dit_pipeline(seed: int = 0, scheduler: str = "ddim"):
     """A DiTPipeline with a 2-block DiTTransformer2DModel on 8x8x4 latents (1000 classes + null)."""
-    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DiTPipeline, EulerDiscreteScheduler
 
-    torch.manual_seed(seed)
-    transformer = DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=1,
-    )
+    transformer = diffusers_dit(seed, classes=1000)
     sched = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}[scheduler]()  # long / float timesteps
-    pipe = DiTPipeline(transformer=nonzero(transformer, seed), vae=tiny_vae(seed), scheduler=sched,
+    pipe = DiTPipeline(transformer=transformer, vae=tiny_vae(seed), scheduler=sched,
                        id2label={i: f"class {i}" for i in range(1000)})
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -76,19 +72,14 @@ def dit_pipeline(seed: int = 0, scheduler: str = "ddim"):
 
 def pixart_pipeline(seed: int = 0, tokenizer: bool = False):
     """A PixArtAlphaPipeline with a tiny transformer and T5 encoder (DPM-Solver); no tokenizer unless asked (pass embeddings)."""
-    from diffusers import DDIMScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from diffusers import DDIMScheduler, PixArtAlphaPipeline
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
-    transformer = PixArtTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, cross_attention_dim=16, caption_channels=24,
-        use_additional_conditions=False,
-    )
+    transformer = pixart(seed)  # seeds the global RNG, which the text encoder's weights come from
     text_encoder = T5EncoderModel(T5Config(vocab_size=64, d_model=24, d_kv=8, d_ff=32, num_layers=1,
                                            num_heads=2, dropout_rate=0.0)).eval()
     pipe = PixArtAlphaPipeline(tokenizer=tiny_tokenizer() if tokenizer else None, text_encoder=text_encoder,
-                               vae=tiny_vae(seed), transformer=nonzero(transformer, seed), scheduler=DDIMScheduler())
+                               vae=tiny_vae(seed), transformer=transformer, scheduler=DDIMScheduler())
     if tokenizer:  # as PixArt-alpha ships: DPM-Solver
         from diffusers import DPMSolverMultistepScheduler
 
@@ -142,6 +133,14 @@ def encode(pipe, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return pipe.text_encoder(token_ids, attention_mask=mask)[0], mask
 
 
+def _guide(uncond, cond, channels, guidance_scale):
+    return uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
+
+
+def _decode(pipe, latents):
+    return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+
+
 def dit_split_cfg(pipe, class_labels, generator, num_inference_steps, guidance_scale):
     """DiTPipeline's sampling with the conditional and unconditional passes as two calls per step."""
     tr, sched = pipe.transformer, pipe.scheduler
@@ -159,10 +158,9 @@ def dit_split_cfg(pipe, class_labels, generator, num_inference_steps, guidance_s
             ts = t[None].expand(len(x))
             cond = tr(x, timestep=ts, class_labels=labels).sample
             uncond = tr(x, timestep=ts, class_labels=null).sample
-            eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
             # DiTPipeline steps from the *scaled* input (the same for DDIM, not for Euler); so do we
-            latents = sched.step(eps, t, x).prev_sample
-        return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            latents = sched.step(_guide(uncond, cond, channels, guidance_scale), t, x).prev_sample
+        return _decode(pipe, latents)
 
 
 def pixart_split_cfg(pipe, prompt_embeds, mask, neg_embeds, neg_mask, latents, num_inference_steps,
@@ -180,6 +178,5 @@ def pixart_split_cfg(pipe, prompt_embeds, mask, neg_embeds, neg_mask, latents, n
                         added_cond_kwargs=extra, return_dict=False)[0]
             cond = tr(x, encoder_hidden_states=prompt_embeds, encoder_attention_mask=mask, timestep=ts,
                       added_cond_kwargs=extra, return_dict=False)[0]
-            eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-            latents = sched.step(eps, t, latents).prev_sample
-        return pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            latents = sched.step(_guide(uncond, cond, channels, guidance_scale), t, latents).prev_sample
+        return _decode(pipe, latents)

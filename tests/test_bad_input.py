@@ -224,7 +224,12 @@ def _trajectory(model, arch):
     return outs
 
 
-def _unchanged(model, arch, gates, outs):
+def _refused_without_change(model, arch, path, match):
+    """Loading ``path`` raises ``ValueError(match)`` and leaves gates, threshold and outputs alone."""
+    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
+    assert lazypass.stats(model).skipped.any()  # the gates matter: a change would show
+    with pytest.raises(ValueError, match=match):
+        lazypass.load_gates(model, path)
     assert all(torch.equal(a, b) for a, b in zip(gates, model.lazy_gates.parameters()))
     assert runtime(model).threshold == 0.6
     assert all(torch.equal(a, b) for a, b in zip(outs, _trajectory(model, arch)))
@@ -234,17 +239,12 @@ def test_gate_file_of_another_model_changes_nothing(tmp_path):
     other, _ = _gated("pixart", seed=2, threshold=0.7)
     lazypass.save_gates(other, tmp_path / "pixart.safetensors")
     model, arch = _gated("diffusers_dit")
-    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
-    assert lazypass.stats(model).skipped.any()
-    with pytest.raises(ValueError, match="different model.*Nothing was loaded"):
-        lazypass.load_gates(model, tmp_path / "pixart.safetensors")
-    _unchanged(model, arch, gates, outs)
+    _refused_without_change(model, arch, tmp_path / "pixart.safetensors", "different model.*Nothing was loaded")
 
 
 def test_truncated_or_corrupt_gate_files_change_nothing(tmp_path):
     model, arch = _gated("diffusers_dit")
     lazypass.save_gates(model, tmp_path / "good.safetensors")
-    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
     data = (tmp_path / "good.safetensors").read_bytes()
     header = int.from_bytes(data[:8], "little")
     bad = {
@@ -255,9 +255,7 @@ def test_truncated_or_corrupt_gate_files_change_nothing(tmp_path):
     }
     for name, blob in bad.items():
         (tmp_path / f"{name}.safetensors").write_bytes(blob)
-        with pytest.raises(ValueError, match="truncated or corrupt|damaged|not finite"):
-            lazypass.load_gates(model, tmp_path / f"{name}.safetensors")
-        _unchanged(model, arch, gates, outs)
+        _refused_without_change(model, arch, tmp_path / f"{name}.safetensors", "truncated or corrupt|damaged|not finite")
 
 
 def test_wrong_gate_file_before_tracing_refuses_until_right_gates_are_loaded(tmp_path):
@@ -282,7 +280,5 @@ def test_gate_file_fitted_under_other_options_changes_nothing(tmp_path):
     other, arch = _gated("diffusers_dit", max_age=1)
     lazypass.save_gates(other, tmp_path / "capped.safetensors")
     model, _ = _gated("diffusers_dit")
-    gates, outs = [p.clone() for p in model.lazy_gates.parameters()], _trajectory(model, arch)
-    with pytest.raises(ValueError, match="fitted with max_age=1.*this model uses max_age=None"):
-        lazypass.load_gates(model, tmp_path / "capped.safetensors")
-    _unchanged(model, arch, gates, outs)
+    _refused_without_change(model, arch, tmp_path / "capped.safetensors",
+                            "fitted with max_age=1.*this model uses max_age=None")

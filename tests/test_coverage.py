@@ -4,7 +4,9 @@ A fast subset of the diffusers zoo (``tests/zoo.py``) runs by default; the rest 
 models with a known table row run with ``-m slow``.  Per model: the sites found by kind
 (and how many are joint, several-stream sites), parity with the original model at
 threshold 1.5, and reuse at threshold -0.5 (step 2 skips every site and its output
-differs from a full step 2).
+differs from a full step 2).  And every transformer class diffusers exports is either built
+in the zoo or listed in ``tests.zoo.SKIPPED`` with a reason: a class added by a new diffusers
+release fails the test until someone decides.
 """
 
 import copy
@@ -14,9 +16,9 @@ import torch
 
 import lazypass
 from lazypass.runtime import runtime
-from tests.zoo import ZOO
+from tests.zoo import SKIPPED, ZOO, diffusers_transformers
 
-# name: (attn sites, ffn sites, joint sites); what the table in README shows
+# name: (attn sites, ffn sites, joint sites); what the table in docs/coverage.md shows
 EXPECTED = {
     "dit": (2, 2, 0),
     "pixart": (4, 2, 0),
@@ -91,20 +93,28 @@ def test_coverage_slow(name):
 
 
 def test_every_diffusers_transformer_is_built_or_explained():
-    import inspect
-
-    import diffusers.models.transformers as transformers
-    from torch import nn
-
-    from tests.zoo import SKIPPED
-
-    classes = {
-        n for n in dir(transformers)
-        if inspect.isclass(getattr(transformers, n)) and issubclass(getattr(transformers, n), nn.Module)
-    }
+    classes = diffusers_transformers()
     built = {z.cls for z in ZOO.values()}
-    assert built <= classes  # no stale class names
-    assert set(SKIPPED) <= classes - built
+    assert built <= classes, f"ZOO builds classes diffusers does not export: {sorted(built - classes)}"
+    assert not built & set(SKIPPED), f"built and listed as skipped: {sorted(built & set(SKIPPED))}"
+    unlisted = classes - built - set(SKIPPED)
+    assert not unlisted, f"diffusers exports transformers neither built nor listed in tests/zoo.py SKIPPED: {sorted(unlisted)}"
+    stale = set(SKIPPED) - classes
+    assert not stale, f"SKIPPED lists classes diffusers no longer exports: {sorted(stale)}"
+    assert all(SKIPPED.values())  # every entry says why
     named = {"DiT", "PixArt", "SD3", "Flux", "HunyuanDiT", "Sana", "Lumina", "AuraFlow", "CogVideoX", "Latte",
              "Allegro", "Mochi", "LTXVideo", "Wan", "HiDream"}
     assert all(any(c.startswith(n) for c in built) for n in named)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_coverage_onnx(name):
+    """The table's onnx column for the fast subset: export (dynamic flavour) and onnxruntime
+    parity with the eager lazy model over a computing and a reusing step (1-2 min per model)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from benchmarks.coverage import onnx_parity
+
+    cell, err = onnx_parity(ZOO[name])
+    assert cell.startswith("yes"), cell

@@ -76,22 +76,30 @@ def test_static_schedule():
     assert [i for i, s in enumerate(digits.static_skips(10, 0.3)) if s] == [3, 6, 9]
 
 
-def test_main_job_smoke(tmp_path, capsys):
+def test_main_job_smoke(tmp_path):
     results = digits.main(["--samples", "10", "--guidance", "1", "--latency-images", "1",
                            "--latency-repeats", "1", "--threads", "1", "--out", str(tmp_path)])  # fmt: skip
     r = results[1.0]
-    out = capsys.readouterr().out
-    assert "gap closed" in out and "headline" in out
-    for name in ("grid.png", "heatmap.png", "table.md"):
-        assert (tmp_path / name).stat().st_size > 1000
-    # full compute at 10 steps is DDIM-10; full at T is its own PSNR reference
-    assert r["full-10"]["fd"] == r["DDIM-10"]["fd"] and math.isinf(r["full-20"]["psnr"])
+    table = (tmp_path / "table.md").read_text()
+    assert all(f"| {m.name} " in table for m in digits.METHODS)
+    for name in ("grid.png", "heatmap.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the static baseline skips exactly its schedule; the fitted gates land near their target
+    # ratio on samples their calibration never saw
     assert r["static-50%-20"]["lazy"] == 0.5 and r["static-30%-10"]["lazy"] == pytest.approx(0.3)
-    assert 0.1 < r["lazy-50%-20"]["lazy"] < 0.9 and 0.05 < r["lazy-30%-10"]["lazy"] < 0.6
-    assert r["lazy-50%-20"]["macs"] < r["full-20"]["macs"] and r["DDIM-10"]["macs"] == r["full-20"]["macs"] / 2
-    assert r["DDIM-7"]["macs"] == pytest.approx(r["full-10"]["macs"] * 0.7)
-    assert all(r[m.name]["latency"] > 0 for m in digits.METHODS)
-    assert 5 < r["lazy-50%-20"]["psnr"] < 80
+    assert abs(r["lazy-50%-20"]["lazy"] - 0.5) <= 0.08 and abs(r["lazy-30%-10"]["lazy"] - 0.3) <= 0.08
+    # equal compute, the premise of the comparison: a 50% lazy 20-step run costs about DDIM-10,
+    # a 30% lazy 10-step run about DDIM-7 (branches hold ~99% of the MACs)
+    for lazy, ddim in (("lazy-50%-20", "DDIM-10"), ("static-50%-20", "DDIM-10"), ("lazy-30%-10", "DDIM-7"),
+                       ("static-30%-10", "DDIM-7")):
+        assert abs(r[lazy]["macs"] / r[ddim]["macs"] - 1) < 0.05, (lazy, r[lazy]["macs"], r[ddim]["macs"])
+    # reusing one-step-old branch outputs stays closer to full compute than halving the steps
+    # (the static rows of the study, here on 10 samples)
+    assert r["static-50%-20"]["psnr"] > r["DDIM-10"]["psnr"] > 20
+    assert r["static-30%-10"]["psnr"] > r["DDIM-7"]["psnr"] > 20
+    # "gap closed" is the evaluation rule (FD_DDIM - FD_method) / (FD_DDIM - FD_full)
+    fd = {name: v["fd"] for name, v in r.items()}
+    assert r["lazy-50%-20"]["gap"] == pytest.approx((fd["DDIM-10"] - fd["lazy-50%-20"]) / (fd["DDIM-10"] - fd["full-20"]))
 
 
 if __name__ == "__main__":

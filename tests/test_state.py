@@ -7,24 +7,17 @@ import torch
 
 import lazypass
 from lazypass.runtime import runtime
-from tests.archs import ARCHS
+from tests.archs import ARCHS, random_gates
 
 ARCH = ARCHS["ref_dit"]
 TIMESTEPS = (900, 700, 500, 300)
-
-
-def _random_gates(model, seed=1, std=0.5):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def _lazy(seed=1, **options):
     model = lazypass.apply(ARCH.build(), **options)
     args, _ = ARCH.inputs(2, TIMESTEPS[0], 0)
     lazypass.report(model, *args, print_table=False)
-    _random_gates(model, seed)
+    random_gates(model, seed)
     return model
 
 
@@ -95,6 +88,12 @@ def test_rising_timestep_starts_a_new_run_without_reset():
     second = [_step(model, k, seed=0) for k in range(len(TIMESTEPS))]  # no reset in between
     for x, y in zip(first, second):
         assert torch.equal(x, y)
+    st = lazypass.stats(model)
+    n = len(TIMESTEPS)
+    assert st.skipped.shape[0] == 2 * n
+    assert st.skipped[n - 1].any()  # the last call before the rise reused caches: they were valid
+    # at the rise the gates wanted to skip, but the caches of the old run were dropped
+    assert (st.scores[n] > runtime(model).threshold).any() and not st.skipped[n].any()
 
 
 def _fail_at_last_site(model):

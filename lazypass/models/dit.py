@@ -116,7 +116,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: Tensor) -> Tensor:
-        return self.mlp(self.frequencies(t))
+        # frequencies in fp32, the MLP in the model's dtype (an fp16 model takes fp32 features otherwise)
+        return self.mlp(self.frequencies(t).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):

@@ -11,7 +11,8 @@ Per sample ``b`` of site ``i`` (all in fp32)::
 ``pool_j`` is the token mean of ``Z_j`` when the row's cache was filled. Rows of a site are
 sample-major, so ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where
 frames are folded into the leading dim (Latte). With tokens sharded over ranks the partial
-sums are added up across them, which gives every rank the score of the unsharded model.
+token sums are added up across them before anything else, which gives every rank the score
+of the unsharded model. The drift is a ratio, so the local token count scales out of it.
 """
 
 from __future__ import annotations
@@ -27,15 +28,21 @@ aten = torch.ops.aten
 EPS = 1e-6
 
 
-def token_sums(call, m, batch: int) -> list[tuple[fx.Node, int]]:
-    """Per stream: the fp32 sum of ``Z`` over tokens, (B, D), and the number of tokens summed."""
+def token_sums(call, m, batch: int, sync=None) -> list[tuple[fx.Node, int]]:
+    """Per stream: the fp32 sum of ``Z`` over tokens, (B, D), and the number of tokens summed
+    (on this rank; with ``sync=("sharded", group)`` the sums are over all ranks' tokens)."""
     out = []
     for s in m.streams:
         z, zs = s.z, shape(s.z)
         tokens = math.prod(zs[:-1]) // batch
         if len(zs) != 3 or zs[0] != batch:
             z = call(aten.reshape.default, z, [batch, -1, zs[-1]])
-        out.append((call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32), tokens))
+        summed = call(aten.sum.dim_IntList, z, [1], False, dtype=torch.float32)
+        if sync is not None and sync[0] == "sharded":
+            from lazypass.distributed import all_reduce
+
+            summed = all_reduce(call, summed, "sum", sync[1])
+        out.append((summed, tokens))
     return out
 
 
@@ -44,16 +51,12 @@ def means(call, sums: list[tuple[fx.Node, int]]) -> list[fx.Node]:
     return [call(aten.div.Scalar, s, tokens) for s, tokens in sums]
 
 
-def gate_logit(call, gm, gates, i: int, sums, age=None, drift=None, sync=None) -> fx.Node:
+def gate_logit(call, gm, gates, i: int, sums, age=None, drift=None) -> fx.Node:
     """The logit of site ``i``'s gate, (B,) fp32; ``age``/``drift`` are (B,) fp32 nodes or None."""
     logit = None
     for j, (summed, _) in enumerate(sums):
         term = call(aten.mv.default, summed, _param(call, gm, gates.weight_name(i, j), gates.weight(i, j)))
         logit = term if logit is None else call(aten.add.Tensor, logit, term)
-    if sync is not None and sync[0] == "sharded":
-        from lazypass.distributed import all_reduce
-
-        logit = all_reduce(call, logit, "sum", sync[1])
     logit = call(aten.add.Tensor, logit, _site(call, gm, gates, "bias", i))
     for name, feature in (("age", age), ("drift", drift)):
         if feature is not None:

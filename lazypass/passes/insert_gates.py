@@ -147,12 +147,12 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 may = call(aten.logical_and.default, may, call(aten.lt.Scalar, age, cfg.max_age))
             current = None
             if leader == i:
-                sums = token_sums(call, m, batch)
+                sums = token_sums(call, m, batch, sync)
                 drift = None
                 if st.pools:
                     current = means(call, sums)
                     drift = drift_of(call, current, [row(p) for p in st.pools], valid)
-                logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift, sync)
+                logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift)
                 score = call(aten.sigmoid.default, logit)
                 decided[i] = (score, call(aten.gt.Tensor, score, threshold))
             score, want = decided[leader]
@@ -184,13 +184,13 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                     put(st.prevs[j], call(aten.where.self, mask, row(st.prevs[j]), old))
                     src = call(aten.where.self, mask, old, src)
                 put(cache, src)
-            written = call(aten.where.self, skip, valid, finite)
+            written = _choose(call, skip, valid, finite)
             if in_range is not None:
                 written = call(aten.logical_and.default, written, in_range)
             if forecast:
                 put(st.t_prev, call(aten.where.self, skip, t_prev, t_fill))
                 put(st.t_fill, call(aten.where.self, skip, t_fill, t))
-                put(st.has_prev, call(aten.where.self, skip, has_prev, valid))
+                put(st.has_prev, _choose(call, skip, has_prev, valid))
             put(st.valid, written)
             if st.age is not None:
                 put(st.age, call(aten.where.ScalarOther, skip, call(aten.add.Tensor, age, 1), 0.0))
@@ -213,6 +213,12 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     graph.lint()
     log.info("insert_gates: %d conditionals", len(matches))
     return gm
+
+
+def _choose(call, cond, a, b):
+    """``where(cond, a, b)`` for bool tensors, as logic: onnxruntime has no bool ``Where``."""
+    keep = call(aten.logical_and.default, cond, a)
+    return call(aten.logical_or.default, keep, call(aten.logical_and.default, call(aten.logical_not.default, cond), b))
 
 
 def _forecast_factor(call, t, t_fill, t_prev, has_prev):

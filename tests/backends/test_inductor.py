@@ -4,20 +4,27 @@ Inductor compiles take a minute or more per model on a small CPU, so most tests 
 Inductor's ``compile_fx`` for a recorder that runs the graph it is given (everything
 lazypass and dynamo do is still real); one test per case runs the real Inductor on the
 reference DiT, and the diffusers models under real Inductor are marked slow.
+
+Host reads: the graphs hold none; Inductor's wrapper reads each conditional's predicate
+(``if pred.item():``), which the real-Inductor tests count in the generated code and at
+run time instead of denying.
 """
 
 import copy
 import importlib
+import re
 import tomllib
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.graph import GraphLowering
 
 import lazypass
 from lazypass.backends.inductor import lazydit_backend
-from tests.archs import ARCHS, random_gates
+from tests.archs import ARCHS, ONE_BLOCK_DIT, random_gates
 
 TIMESTEPS = (900, 600, 300)
 HOST_SYNC = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
@@ -53,6 +60,56 @@ class PostGrad(CustomGraphPass):
 
     def uuid(self):
         return None
+
+
+class OutputCode:
+    """Keeps the Python wrapper code Inductor generates (as ``run_and_get_code`` does)."""
+
+    def __init__(self):
+        self.codes = []
+        self._patch = mock.patch.object(GraphLowering, "save_output_code", self.codes.append)
+
+    def __enter__(self):
+        self._patch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._patch.__exit__(*exc)
+
+
+# Inductor lowers each cond to a Python ``if pred.item():`` in its wrapper: the one documented
+# host read per conditional (a device sync on a GPU). Anything else that reads values is a bug.
+PREDICATE_READ = re.compile(r"^\s*if \w+\.item\(\):\s*$")
+HOST_READ_CALLS = (".item(", ".cpu(", ".tolist(", ".numpy(", "_local_scalar_dense", "torch.equal(", "synchronize(")
+
+
+def _check_output_code(codes, n_sites):
+    lines = "\n".join(codes).splitlines()
+    reads = [line for line in lines if PREDICATE_READ.match(line)]
+    # cond(all skip, reuse, cond(any skip, mixed, compute)): two conditionals per site
+    assert len(reads) == 2 * n_sites, reads
+    others = [line for line in lines if any(c in line for c in HOST_READ_CALLS) and not PREDICATE_READ.match(line)]
+    assert not others, others
+
+
+def _count_predicate_reads(compiled, model, arch, seed=40):
+    """Run one trajectory and count the ``Tensor.item`` calls the compiled code makes."""
+    reads = []
+    item = torch.Tensor.item
+
+    def counting(self):
+        reads.append(1)
+        return item(self)
+
+    lazypass.reset(model)
+    lazypass.set_threshold(model, 0.5)
+    with mock.patch.object(torch.Tensor, "item", counting):
+        for k, t in enumerate(TIMESTEPS):
+            _step(compiled, arch, t, seed + k)
+    saved = lazypass.stats(model).saved
+    assert saved.any() and not saved.all(), "random gates gave no mix of reused and computed sites"
+    # one read per conditional executed: the outer one per site, the inner one unless all reused
+    assert len(reads) == int((2 - saved).sum())
 
 
 def _targets(graph):
@@ -115,7 +172,7 @@ def _scenario(arch, backend, compiles):
         st = _same_run(compiled, model, ref, arch, TIMESTEPS, seed=30)
         assert st.saved[1:].all() and len(st.saved) == 3
     assert compiles() == 1, "a decision, threshold, reset or trajectory change recompiled"
-    return model
+    return model, compiled
 
 
 def _check_graph(graph, n_sites):
@@ -161,7 +218,7 @@ def test_untraced_lazy_model_is_a_clear_error(recorder):
 @pytest.mark.parametrize("name", ["ref_dit", "diffusers_dit", "pixart"])
 def test_lazy_model_one_graph_no_recompiles(name, recorder):
     arch = ARCHS[name]
-    model = _scenario(arch, "lazydit", lambda: len(recorder.graphs))
+    model, _ = _scenario(arch, "lazydit", lambda: len(recorder.graphs))
     _check_graph(recorder.graphs[0].graph, len(model.lazy_gates.layout))
 
 
@@ -174,11 +231,15 @@ def _real_inductor(name):
         compiles.append(gm)
         return lazydit_backend(gm, example_inputs, **kw)
 
-    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False):
-        model = _scenario(arch, counting, lambda: len(compiles))
+    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False), \
+            OutputCode() as code:
+        model, compiled = _scenario(arch, counting, lambda: len(compiles))
     n_sites = len(model.lazy_gates.layout)
     _check_graph(compiles[0].graph, n_sites)
     _check_post_grad(post_grad.graphs, n_sites)
+    _check_output_code(code.codes, n_sites)
+    _count_predicate_reads(compiled, model, arch)
+    assert len(compiles) == 1
 
 
 def test_lazy_model_real_inductor_ref_dit():
@@ -260,17 +321,27 @@ def test_plain_model_gates_of_other_sites_are_an_error(recorder):
         _step(compiled, arch, 900, 0)
 
 
-@pytest.mark.slow
-def test_plain_model_real_inductor():
-    arch = ARCHS["ref_dit"]
+def _plain_real_inductor(arch):
     base, ref = _plain_pair(arch)
     post_grad = PostGrad()
     torch._dynamo.reset()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False):
+    with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False), \
+            OutputCode() as code:
         compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False,
                                  options={"gates": copy.deepcopy(ref.lazy_gates)})
         _plain_run(compiled, ref, arch)
-    _check_post_grad(post_grad.graphs, len(ref.lazy_gates.layout))
+    n_sites = len(ref.lazy_gates.layout)
+    _check_post_grad(post_grad.graphs, n_sites)
+    _check_output_code(code.codes, n_sites)
+
+
+def test_plain_model_real_inductor_one_block():
+    _plain_real_inductor(ONE_BLOCK_DIT)
+
+
+@pytest.mark.slow
+def test_plain_model_real_inductor():
+    _plain_real_inductor(ARCHS["ref_dit"])
 
 
 class _CondDiT(torch.nn.Module):

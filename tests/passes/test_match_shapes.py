@@ -14,6 +14,7 @@ from torch import nn
 
 import lazypass
 from lazypass.runtime import runtime
+from tests.archs import assert_batch_close, random_gates
 
 
 def _temb(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -193,10 +194,7 @@ def test_folded_batch_gates_per_sample():
     """Rows (B * frames) share their sample's decision: batch results equal batch-of-one results."""
     model = lazypass.apply(_build("folded"))
     _sites(model, "folded")
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in model.lazy_gates.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    random_gates(model, seed=3, std=0.5)
     outs = []
     with lazypass.trajectory(model), torch.no_grad():
         for k, t in enumerate((900, 600, 300)):
@@ -209,7 +207,7 @@ def test_folded_batch_gates_per_sample():
             for k, t in enumerate((900, 600, 300)):
                 x, tt = _inputs("folded", 3, t, k)
                 single = model(x[i : i + 1], tt[i : i + 1])
-                assert (outs[k][i : i + 1] - single).abs().max() <= 1e-5
+                assert_batch_close(single, outs[k][i : i + 1])
 
 
 class _InputBranch(nn.Module):

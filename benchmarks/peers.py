@@ -71,6 +71,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -86,6 +87,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 import lazypass  # noqa: E402
+from lazypass.checkpoint import read_gates  # noqa: E402
 from digits_eval import (  # noqa: E402
     DIT_PATH, FLOW_LABELS_PATH, FLOW_WEIGHTS_PATH, classifier_outputs, diffusers_ddim, flow_cond,
     flow_scheduler, frechet_distance, gaussian_stats, load_classifier, load_diffusers_dit,
@@ -528,7 +530,9 @@ def fit_or_load(spec: Spec, base, args, log) -> tuple[torch.nn.Module, dict]:
             side = path.with_suffix(".json")
             info = json.loads(side.read_text()) if side.exists() else {}
             log(f"  gates: loaded {_rel(path)}")
-            return lazy, {**info, "path": str(path), "cached": True}
+            # the calibrated threshold: load_gates sets it at the first trace, so read it from the file
+            threshold = read_gates(path).threshold
+            return lazy, {**info, "threshold": threshold, "path": str(path), "cached": True}
     path, fields, options = candidates[-1]
     batch = fields["batch"]
 
@@ -597,7 +601,7 @@ def build_methods(spec: Spec, base, args, clock: Clock, cal: tuple, log) -> tupl
         Setting("fewer steps", f"{n} steps", float(n), (lambda n=n: Runner(base, n)), n) for n in steps]))
 
     lazy, gate_info = fit_or_load(spec, base, args, log)
-    fitted = lazypass.runtime.runtime(lazy).threshold  # set by fit / restored by load_gates
+    fitted = gate_info["threshold"]  # calibrated to target_ratio by fit
     targets = pick(sweeps["lazypass"])
     chosen = sweep_thresholds(spec, lazy, targets, cal, fitted)
     gate_info["thresholds"] = [dict(target=r, threshold=th, calibration_ratio=got) for r, (th, got) in zip(targets, chosen)]
@@ -704,9 +708,10 @@ def latency(rows: list[Row], spec: Spec, noise: Tensor, labels: Tensor, images: 
     ``repeats`` rounds that go through every setting in turn (load changes hit all alike)."""
     b1 = {id(r): [] for r in rows}
     b8 = {id(r): [] for r in rows}
-    for r in rows:  # warm-up (lazypass traces each new batch size once)
-        sample(r.runner, spec, noise[:1], labels[:1], r.steps)
-        sample(r.runner, spec, noise[:8], labels[:8], r.steps)
+    for r in rows:  # lazypass traces each new batch size once: not in the timings
+        if r.runner.kind == "lazypass":
+            sample(r.runner, spec, noise[:1], labels[:1], 1)
+            sample(r.runner, spec, noise[:8], labels[:8], 1)
     for _ in range(repeats):
         for r in rows:
             for k in range(images):
@@ -936,7 +941,7 @@ def _f(v, fmt="{:.2f}") -> str:
     return fmt.format(v)
 
 
-def who_wins(spec: Spec, tables: dict) -> list[str]:
+def who_wins(tables: dict) -> list[str]:
     lines = []
     for budget, t in tables.items():
         vals, ranked = t["values"], t["ranked"]
@@ -974,7 +979,7 @@ def headline(all_tables: dict) -> str:
     return "headline: lazypass FD rank (1 = best, of the methods reaching the budget): " + "; ".join(parts)
 
 
-def markdown(results: dict, args, meta: dict) -> str:
+def markdown(results: dict, meta: dict) -> str:
     from tabulate import tabulate
 
     lines = [
@@ -990,8 +995,8 @@ def markdown(results: dict, args, meta: dict) -> str:
         f"Conditions: {meta['conditions']}",
         "",
     ]
-    if args.note:
-        lines += [f"**Note:** {args.note}", ""]
+    if meta["note"]:
+        lines += [f"**Note:** {meta['note']}", ""]
     lines += [
         "Reading the tables: *budget* is executed MACs per image as a share of full compute. Each",
         "method's FD, PSNR and latency there come from its own curve: a setting within 1 point of the",
@@ -1052,7 +1057,7 @@ def markdown(results: dict, args, meta: dict) -> str:
         gi = res["gates"]
         lines += ["### lazypass gates", "",
                   f"`lazypass.fit` with the library defaults, `target_ratio=0.5`, `num_inference_steps={res['steps']}`, "
-                  f"its scheduler, batches of {args.fit_batch} from seeds {FIT_SEED}+ (never the evaluation noise); "
+                  f"its scheduler, batches of {meta['fit_batch']} from seeds {FIT_SEED}+ (never the evaluation noise); "
                   f"file `{Path(gi.get('path', '?')).name}` ({'cached' if gi.get('cached') else 'fitted in this run'}"
                   + (f", fitted in {gi['fit_seconds']} s" if gi.get("fit_seconds") is not None else "") + "). "
                   "Thresholds of the sweep, picked on calibration noise (seeds "
@@ -1079,6 +1084,20 @@ STYLE = {
 }  # fmt: skip
 
 
+def _curves(ax, res: dict, key: str, scale: float = 1.0) -> None:
+    """FD against ``key`` of every row, a curve per method, on ``ax``."""
+    for method in dict.fromkeys(r["method"] for r in res["rows"]):
+        pts = sorted((r for r in res["rows"] if r["method"] == method and r[key] is not None), key=lambda r: r[key])
+        if pts:
+            c, mk, ls = STYLE.get(method, ("k", ".", "-"))
+            ax.plot([scale * p[key] for p in pts], [p["fd"] for p in pts], color=c, marker=mk, ls=ls,
+                    lw=2.2 if method == "lazypass" else 1.2, label=method)  # fmt: skip
+    ax.axhline(res["full"]["fd"], color="0.5", lw=0.8)
+    ax.set_ylabel("FD to real digits (lower is better)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
 def plots(results: dict, out: Path, note: str) -> None:
     import matplotlib
 
@@ -1086,54 +1105,27 @@ def plots(results: dict, out: Path, note: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results)
-    fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        res = results[name]
-        for method in dict.fromkeys(r["method"] for r in res["rows"]):
-            pts = sorted((r for r in res["rows"] if r["method"] == method), key=lambda r: r["fraction"])
-            c, mk, ls = STYLE.get(method, ("k", ".", "-"))
-            ax.plot([100 * p["fraction"] for p in pts], [p["fd"] for p in pts], color=c, marker=mk, ls=ls,
-                    lw=2.2 if method == "lazypass" else 1.2, label=method)  # fmt: skip
-        for b in BUDGETS:
-            ax.axvline(100 * b, color="0.7", lw=0.8, ls="--")
-        ax.axhline(res["full"]["fd"], color="0.5", lw=0.8)
-        ax.set_xlabel("executed MACs per image, % of full compute")
-        ax.set_ylabel("FD to real digits (lower is better)")
-        ax.set_title(res["title"], fontsize=10)
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    if note:
-        fig.suptitle(note, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fd_vs_macs.png", dpi=110)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(2, len(names), figsize=(6.2 * len(names), 8.4), squeeze=False)
-    for j, name in enumerate(names):
-        res = results[name]
-        for i, (key, label) in enumerate((("latency_b1", "batch 1"), ("latency_b8", "batch 8"))):
-            ax = axes[i][j]
-            for method in dict.fromkeys(r["method"] for r in res["rows"]):
-                pts = sorted((r for r in res["rows"] if r["method"] == method and r[key] is not None),
-                             key=lambda r: r[key])  # fmt: skip
-                if not pts:
-                    continue
-                c, mk, ls = STYLE.get(method, ("k", ".", "-"))
-                ax.plot([p[key] for p in pts], [p["fd"] for p in pts], color=c, marker=mk, ls=ls,
-                        lw=2.2 if method == "lazypass" else 1.2, label=method)  # fmt: skip
-            ax.axhline(res["full"]["fd"], color="0.5", lw=0.8)
-            ax.set_xlabel(f"eager ms per image, {label}")
-            ax.set_ylabel("FD to real digits")
-            ax.set_title(f"{res['title']}, {label}", fontsize=10)
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper right")
-    if note:
-        fig.suptitle(note, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "fd_vs_latency.png", dpi=110)
-    plt.close(fig)
+    panels = {  # file: [(key, x scale, x label, title suffix)] as rows of panels
+        "fd_vs_macs.png": [("fraction", 100, "executed MACs per image, % of full compute", "")],
+        "fd_vs_latency.png": [("latency_b1", 1, "eager ms per image, batch 1", ", batch 1"),
+                              ("latency_b8", 1, "eager ms per image, batch 8", ", batch 8")],
+    }  # fmt: skip
+    for file, rows in panels.items():
+        fig, axes = plt.subplots(len(rows), len(names), figsize=(6.2 * len(names), 4.4 * len(rows)), squeeze=False)
+        for i, (key, scale, xlabel, suffix) in enumerate(rows):
+            for ax, name in zip(axes[i], names):
+                _curves(ax, results[name], key, scale)
+                if key == "fraction":
+                    for b in BUDGETS:
+                        ax.axvline(100 * b, color="0.7", lw=0.8, ls="--")
+                ax.set_xlabel(xlabel)
+                ax.set_title(results[name]["title"] + suffix, fontsize=10)
+        axes[0][-1].legend(fontsize=7, loc="upper right")
+        if note:
+            fig.suptitle(note, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / file, dpi=110)
+        plt.close(fig)
 
 
 # -- main --------------------------------------------------------------------------------------------------
@@ -1178,7 +1170,7 @@ def run_model(spec: Spec, args, classifier, real_stats, log) -> dict:
         title=spec.title, steps=spec.steps, sampler=spec.sampler_name(), samples=args.samples,
         eval_batch=args.eval_batch or args.samples, full=full.record(), rows=[r.record() for r in rows],
         tables={b: dict(values=t["values"], ranked=t["ranked"]) for b, t in tables.items()},
-        who_wins=who_wins(spec, tables), gates=gate_info, correctness=checks,
+        who_wins=who_wins(tables), gates=gate_info, correctness=checks,
         seconds=round(time.perf_counter() - t_model, 1), stages={k: round(v, 1) for k, v in stages.items()},
     )  # fmt: skip
 
@@ -1200,7 +1192,11 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="peers.md and peers/*.png go here")
     p.add_argument("--note", default="", help="a line printed at the top of peers.md and the plots")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="write peers.md and the plots again from a results.json (nothing is run)")
     args = p.parse_args(argv)
+    if args.from_json is not None:
+        return rewrite(args)
     args.samples = args.samples or (64 if args.quick else 1000)
     if args.latency_images is None:
         args.latency_images = 1 if args.quick else 2
@@ -1225,20 +1221,39 @@ def main(argv=None) -> dict:
     load1 = os.getloadavg()[0]
     all_tables = {n: r["tables"] for n, r in results.items()}
     head = headline(all_tables)
-    command = "PYTHONPATH=$PWD python benchmarks/peers.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "PYTHONPATH=$PWD python benchmarks/peers.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     conditions = (f"{datetime.date.today()}, {platform.machine()} {os.cpu_count()} cores, torch "
                   f"{torch.__version__}, {args.threads} thread(s), load average {load0:.1f} at the start and "
                   f"{load1:.1f} at the end; whole run {wall / 60:.1f} min wall, {cpu_s / 60:.1f} min CPU "
                   f"(" + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in results.items()) + ").")  # fmt: skip
-    meta = dict(command=command.strip(), conditions=conditions, headline=head)
-    args.out.mkdir(parents=True, exist_ok=True)
-    figdir = args.out / "peers"
-    figdir.mkdir(parents=True, exist_ok=True)
-    (figdir / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=repr) + "\n")
-    plots(results, figdir, args.note)
-    (args.out / "peers.md").write_text(markdown(results, args, meta))
+    meta = dict(command=command.strip(), conditions=conditions, headline=head, note=args.note, fit_batch=args.fit_batch)
+    write(results, meta, args.out)
     log(conditions)
     print(head, flush=True)
+    return dict(meta=meta, results=results)
+
+
+def write(results: dict, meta: dict, out: Path) -> None:
+    """``peers.md``, ``peers/results.json`` and the plots under ``out``."""
+    figdir = out / "peers"
+    figdir.mkdir(parents=True, exist_ok=True)
+    (figdir / "results.json").write_text(json.dumps(dict(meta=meta, results=results), indent=1, default=repr) + "\n")
+    plots(results, figdir, meta["note"])
+    (out / "peers.md").write_text(markdown(results, meta))
+
+
+def rewrite(args) -> dict:
+    """The outputs again from a saved ``results.json`` (budgets, who wins and headline recomputed)."""
+    saved = json.loads(args.from_json.read_text())
+    results, meta = saved["results"], saved["meta"]
+    meta["note"] = args.note or meta.get("note", "")
+    meta.setdefault("fit_batch", args.fit_batch)  # files written before it was saved
+    for res in results.values():
+        res["tables"] = {float(b): t for b, t in res["tables"].items()}
+        res["who_wins"] = who_wins(res["tables"])
+    meta["headline"] = headline({n: r["tables"] for n, r in results.items()})
+    write(results, meta, args.out)
+    print(meta["headline"], flush=True)
     return dict(meta=meta, results=results)
 
 

@@ -503,7 +503,8 @@ def gate_file(spec: Spec, directory: Path, fit_options: dict, fit_batch: int) ->
     fields = dict(
         model=spec.name, weights=file_hash(spec.weight_files()), conversion="to_diffusers_dit/1",
         lazy=_jsonable(lazypass.LazyConfig().to_dict()), fit=_jsonable(fit_config),
-        scheduler=[type(sched).__name__, _jsonable(dict(sched.config))], batch=fit_batch, seed=FIT_SEED,
+        scheduler=[type(sched).__name__, _jsonable({k: v for k, v in sched.config.items() if not k.startswith("_")})],
+        batch=fit_batch, seed=FIT_SEED,
         lazypass=lazypass.__version__,
     )  # fmt: skip
     key = hashlib.sha256(json.dumps(fields, sort_keys=True, default=repr).encode()).hexdigest()[:12]

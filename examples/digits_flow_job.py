@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python examples/digits_flow_job.py          # this section alone: docs/digits/flow_table.md
     PYTHONPATH=$PWD python examples/digits_flow_job.py --fit    # refit the two gate files, then run it
+    PYTHONPATH=$PWD python examples/digits_flow_job.py --calibrate  # only reset their thresholds to the MACs
     PYTHONPATH=$PWD python examples/digits.py                   # runs it as its last section (--no-flow: not)
 
 The model is the flow-matching ``SD3Transformer2DModel`` of ``examples/assets/digits_flow``
@@ -11,8 +12,12 @@ at 4; 6.33 at 7, 9.83 at 5), not the DiT job's 20 and 10, where halving costs th
 almost nothing:
 
 - ``lazy-50%-8``: gates fitted by ``lazypass.fit(..., scheduler=FlowMatchEulerDiscreteScheduler,
-  target_ratio=0.5, num_inference_steps=8)``, against ``Euler-4`` (the same MACs);
-- ``lazy-30%-7`` against ``Euler-5`` (5 of 7 steps is 71% of the compute);
+  target_ratio=0.5, num_inference_steps=8)``, against ``Euler-4``;
+- ``lazy-30%-7``: ``target_ratio=0.3`` at 7 steps, against ``Euler-5``;
+- the thresholds saved with the gates are then set, on calibration noise, to the Euler run's
+  MACs (50% and 5/7 of full compute): ``target_ratio`` counts decisions, and this model's sites
+  differ in cost (a context MLP on 4 label tokens costs 1/16 of an image MLP), so 50% of the
+  decisions is not 50% of the MACs;
 - ``static``: the untrained baseline of the DiT job, every branch reused on evenly spread steps;
 - ``full-8`` / ``full-7``: every branch computed, the references for PSNR and gap closed.
 
@@ -54,6 +59,7 @@ from lazypass.runtime import runtime
 
 FIT_SEED = 10_000  # fitting noise: seeds 10,000+, the evaluation noise is seed 0
 FIT_BATCH = 32
+CAL_SEED, CAL_SAMPLES = 20_000, 64  # noise that sets the threshold to the Euler run's MACs
 
 
 @dataclass(frozen=True)
@@ -83,12 +89,20 @@ def gates_path(ratio: float, steps: int) -> Path:
     return ASSETS / f"digits_flow_gates_{round(ratio * 100)}pct_{steps}steps.safetensors"
 
 
-def fit_gates(transformer, label_embedding, ratio: float, inference_steps: int, path: Path, **options) -> dict:
-    """Fit a lazy copy's gates through the flow-matching scheduler and save them to ``path``.
+def budget(method: Method) -> float:
+    """Share of full compute of the Euler run a lazy method is compared with (4/8, 5/7)."""
+    return next(m.steps for m in METHODS if m.name == method.euler) / method.steps
+
+
+def fit_gates(transformer, label_embedding, ratio: float, inference_steps: int, path: Path,
+              fraction: float | None = None, **options) -> dict:  # fmt: skip
+    """Fit a lazy copy's gates through the flow-matching scheduler, set the threshold to
+    ``fraction`` of full compute (:func:`calibrate_to_macs`; None keeps ``fit``'s, calibrated to
+    ``ratio`` of the decisions) and save them to ``path``. ``options`` go to ``lazypass.fit``.
 
     Example (a few optimiser steps, into a scratch file):
         >>> t, e = load_flow_dit()
-        >>> info = fit_gates(t, e, 0.5, 8, Path("/tmp/flow_gates.safetensors"), steps=2)  # doctest: +SKIP
+        >>> info = fit_gates(t, e, 0.5, 8, Path("/tmp/flow_gates.safetensors"), 0.5, steps=2)  # doctest: +SKIP
     """
     lazy = lazypass.apply(copy.deepcopy(transformer))
 
@@ -101,11 +115,68 @@ def fit_gates(transformer, label_embedding, ratio: float, inference_steps: int, 
     start, cpu = time.perf_counter(), time.process_time()
     result = lazypass.fit(lazy, sample_fn, scheduler=flow_scheduler(), target_ratio=ratio,
                           num_inference_steps=inference_steps, progress=False, **options)  # fmt: skip
+    info = dict(path=str(path), lazy_ratio=result.lazy_ratio, fit_threshold=result.threshold, threshold=result.threshold)
+    if fraction is not None:
+        info["threshold"], info["macs_fraction"] = calibrate_to_macs(lazy, label_embedding, inference_steps, fraction)
     lazypass.save_gates(lazy, path)
-    info = dict(path=str(path), lazy_ratio=result.lazy_ratio, threshold=result.threshold,
-                seconds=round(time.perf_counter() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1))  # fmt: skip
+    info.update(seconds=round(time.perf_counter() - start, 1), cpu_seconds=round(time.process_time() - cpu, 1))
     print(f"fitted {path.name}: {info}")
     return info
+
+
+def recalibrate(transformer, label_embedding, path: Path, steps: int, fraction: float) -> dict:
+    """:func:`calibrate_to_macs` for a gate file fitted before (rewritten in place)."""
+    saved = read_gates(path).config
+    lazy = lazypass.apply(copy.deepcopy(transformer), **{k: saved[k] for k in GATE_OPTIONS})
+    lazypass.load_gates(lazy, path)
+    th, got = calibrate_to_macs(lazy, label_embedding, steps, fraction)
+    lazypass.save_gates(lazy, path)
+    print(f"calibrated {path.name}: threshold {th:.4g}, {got:.1%} of full compute on the calibration noise")
+    return dict(threshold=th, macs_fraction=got)
+
+
+def macs_per_image(lazy, label_embedding, steps: int, skipped: np.ndarray | None, rows: int) -> float:
+    """MACs per image of a sampling run: the whole model per call, minus the branches each sample
+    skipped (``skipped``: ``lazypass.stats(lazy).skipped``, (calls, sites, rows); None: full compute)."""
+    x = torch.zeros(rows, 1, 8, 8)
+    cond = flow_cond(label_embedding, torch.zeros(rows, dtype=torch.long))
+    kwargs = {k: v.detach() for k, v in dict(timestep=torch.full((rows,), 1000.0), **cond).items()}
+    prog = runtime(lazy).program_for((x,), kwargs)[0]
+    total = steps * prog.model_macs / rows
+    if skipped is not None:
+        site = np.array([s.macs / rows for s in prog.sites])
+        total -= float((skipped.mean(2) * site).sum())  # mean over rows, summed over calls
+    return total
+
+
+def calibrate_to_macs(lazy, label_embedding, steps: int, fraction: float, iters: int = 8) -> tuple[float, float]:
+    """Set the threshold at which lazy sampling costs ``fraction`` of full compute per image, measured
+    on calibration noise (seeds 20,000+; never the evaluation noise). Returns (threshold, fraction).
+
+    ``fit``'s ``target_ratio`` counts decisions, and this model's sites differ in cost (a context MLP
+    on 4 label tokens costs 1/16 of an image MLP), so 50% of decisions is not 50% of the MACs.
+    """
+    g = torch.Generator().manual_seed(CAL_SEED)
+    noise = torch.randn(CAL_SAMPLES, 1, 8, 8, generator=g)
+    labels = torch.randint(0, 10, (CAL_SAMPLES,), generator=g)
+    flow_sample(lazy, label_embedding, noise, labels, 1)  # trace first: a pending gate file sets its threshold there
+    full = macs_per_image(lazy, label_embedding, steps, None, CAL_SAMPLES)
+
+    def cost(th: float) -> float:
+        lazypass.set_threshold(lazy, th)
+        with lazypass.trajectory(lazy):
+            flow_sample(lazy, label_embedding, noise, labels, steps)
+            skipped = lazypass.stats(lazy).skipped
+        return macs_per_image(lazy, label_embedding, steps, skipped, CAL_SAMPLES) / full
+
+    lo, hi, tried = 0.0, 1.0, []  # gate scores are in (0, 1); the cost rises with the threshold
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        tried.append((mid, cost(mid)))
+        lo, hi = (mid, hi) if tried[-1][1] < fraction else (lo, mid)
+    th, got = min(tried, key=lambda p: abs(p[1] - fraction))
+    lazypass.set_threshold(lazy, th)
+    return th, got
 
 
 class FlowSampler:
@@ -144,15 +215,7 @@ class FlowSampler:
         return images, skipped
 
     def macs(self, method: Method, skipped: np.ndarray | None, rows: int) -> float:
-        """MACs per image: the whole model per call, minus the branches each sample skipped."""
-        x = torch.zeros(rows, 1, 8, 8)
-        kwargs = dict(timestep=torch.full((rows,), 1000.0), **flow_cond(self.labels, torch.zeros(rows, dtype=torch.long)))
-        prog = runtime(self.lazy).program_for((x,), {k: v.detach() for k, v in kwargs.items()})[0]
-        total = method.steps * prog.model_macs / rows
-        if skipped is not None:
-            site = np.array([s.macs / rows for s in prog.sites])
-            total -= float((skipped.mean(2) * site).sum())  # (calls, sites, rows): per-row saving
-        return total
+        return macs_per_image(self.lazy, self.labels, method.steps, skipped, rows)
 
 
 def evaluate(sampler: FlowSampler, classifier, real_stats, noise, labels, latency_images: int = 0,
@@ -173,6 +236,9 @@ def evaluate(sampler: FlowSampler, classifier, real_stats, noise, labels, latenc
         if m.euler:
             f_t, f_e = results[m.reference]["fd"], results[m.euler]["fd"]
             r["gap"] = (f_e - r["fd"]) / (f_e - f_t) if f_e != f_t else float("nan")
+    if latency_images:  # warm-up: the lazy copy traces batch 1 once
+        for m in METHODS:
+            sampler.run(m, noise[:1], labels[:1], record=False)
     for _ in range(latency_repeats if latency_images else 0):  # interleaved, median per method
         for k in range(latency_images):
             for m in METHODS:
@@ -233,19 +299,23 @@ def main(argv=None) -> dict:
     p.add_argument("--latency-repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--fit", action="store_true", help="fit the gates first (lazypass.fit's defaults)")
+    p.add_argument("--calibrate", action="store_true", help="only set the gate files' thresholds to the MACs")
     p.add_argument("--fit-steps", type=int, default=None, help="optimiser steps (default: lazypass.fit's)")
     p.add_argument("--gates-dir", type=Path, default=None, help="folder of the gate files (default examples/assets)")
     p.add_argument("--out", type=Path, default=Path("docs/digits"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if args.fit:
+    if args.fit or args.calibrate:
         transformer, label_embedding = load_flow_dit()
         options = {} if args.fit_steps is None else dict(steps=args.fit_steps)
-        for m in METHODS:
-            if m.kind == "lazy":
-                path = (args.gates_dir / gates_path(m.ratio, m.steps).name) if args.gates_dir else gates_path(m.ratio, m.steps)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fit_gates(transformer, label_embedding, m.ratio, m.steps, path, **options)
+        for m in (m for m in METHODS if m.kind == "lazy"):
+            path = gates_path(m.ratio, m.steps)
+            path = args.gates_dir / path.name if args.gates_dir else path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if args.fit:
+                fit_gates(transformer, label_embedding, m.ratio, m.steps, path, budget(m), **options)
+            else:
+                recalibrate(transformer, label_embedding, path, m.steps, budget(m))
     classifier = load_classifier()
     real_stats = gaussian_stats(classifier_outputs(classifier, load_digit_images()[0])[0])
     noise = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(args.seed))

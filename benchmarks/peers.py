@@ -1193,8 +1193,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="peers.md and peers/*.png go here")
     p.add_argument("--note", default="", help="a line printed at the top of peers.md and the plots")
-    p.add_argument("--from-json", type=Path, default=None,
-                   help="write peers.md and the plots again from a results.json (nothing is run)")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="write peers.md and the plots again from results.json files (nothing is run); "
+                        "several files, e.g. one per model run apart, are merged")
     args = p.parse_args(argv)
     if args.from_json is not None:
         return rewrite(args)
@@ -1244,9 +1245,16 @@ def write(results: dict, meta: dict, out: Path) -> None:
 
 
 def rewrite(args) -> dict:
-    """The outputs again from a saved ``results.json`` (budgets, who wins and headline recomputed)."""
-    saved = json.loads(args.from_json.read_text())
-    results, meta = saved["results"], saved["meta"]
+    """The outputs again from saved ``results.json`` files (budgets, who wins and headline recomputed)."""
+    results, metas = {}, []
+    for path in args.from_json:
+        saved = json.loads(path.read_text())
+        results.update(saved["results"])
+        metas.append(saved["meta"])
+    meta = dict(metas[0])
+    if len(metas) > 1:  # runs made apart: every command and its conditions
+        meta["command"] = "\n".join(m["command"] for m in metas)
+        meta["conditions"] = " / ".join(m["conditions"] for m in metas)
     meta["note"] = args.note or meta.get("note", "")
     meta.setdefault("fit_batch", args.fit_batch)  # files written before it was saved
     for res in results.values():

@@ -117,3 +117,7 @@ def _quick(tmp_path, models):
     assert (tmp_path / "peers" / "fd_vs_latency.png").stat().st_size > 0
     saved = json.loads((tmp_path / "peers" / "results.json").read_text())
     assert saved["meta"]["headline"].startswith("headline: lazypass FD rank")
+    # the page is written again from the saved results, nothing run, word for word
+    again = peers.main(["--from-json", str(tmp_path / "peers" / "results.json"), "--out", str(tmp_path / "again")])
+    assert again["meta"]["headline"] == saved["meta"]["headline"]
+    assert (tmp_path / "again" / "peers.md").read_text() == text

@@ -14,16 +14,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import digits_flow_job as job  # noqa: E402
 import lazypass  # noqa: E402
+from tests.test_flow_digits import one_thread  # noqa: E402, F401 (autouse: tests run on one thread)
 from digits_eval import load_flow_dit  # noqa: E402
 from lazypass.checkpoint import read_gates  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_committed_gates_exist_for_every_lazy_method():

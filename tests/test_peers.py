@@ -15,17 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from tests.test_flow_digits import one_thread  # noqa: E402, F401 (autouse: tests run on one thread)
 from digits_eval import DIT_CONFIG, diffusers_ddim, load_dit, to_diffusers_dit  # noqa: E402
 from lazypass.models import DiT  # noqa: E402
 from lazypass.sampling import ddim_sample  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _inputs(n=16, seed=0):

@@ -1012,8 +1012,9 @@ def markdown(results: dict, meta: dict) -> str:
     for name, res in results.items():
         spec_title, full = res["title"], res["full"]
         lines += [f"## {spec_title}", ""]
-        lines += ["Wall time of this model's part: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["stages"].items())
-                  + ".", ""]
+        if res.get("stages"):
+            lines += ["Wall time of this model's part: " + ", ".join(f"{k} {v:.0f} s" for k, v in res["stages"].items())
+                      + ".", ""]
         lines += [f"{res['samples']} samples, CFG 1, {res['steps']} steps of {res['sampler']}; full compute: "
                   f"FD {full['fd']:.2f}, {full['macs'] / 1e6:.1f} M MACs per image, "
                   f"{_f(full['latency_b1'], '{:.1f}')} ms per image at batch 1, "

@@ -1,7 +1,8 @@
 """lazypass side by side with diffusers' cache hooks, fixed schedules and fewer steps (issue 13).
 
     PYTHONPATH=$PWD python benchmarks/peers.py                  # both digits models, writes docs/peers*
-    PYTHONPATH=$PWD python benchmarks/peers.py --quick          # < 3 min: 64 samples, one setting per method
+    PYTHONPATH=$PWD python benchmarks/peers.py --quick          # 64 samples, one setting per method: 148 s of CPU
+    PYTHONPATH=$PWD python benchmarks/peers.py --from-json a/peers/results.json b/peers/results.json  # rewrite, merged
     PYTHONPATH=$PWD python benchmarks/peers.py --models flow --threads 1 --note "busy machine"
 
 Two digits models, both in diffusers format, each sampled the way its pipeline would:
@@ -73,6 +74,7 @@ import platform
 import re
 import shlex
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -1124,7 +1126,7 @@ def plots(results: dict, out: Path, note: str) -> None:
                 ax.set_title(results[name]["title"] + suffix, fontsize=10)
         axes[0][-1].legend(fontsize=7, loc="upper right")
         if note:
-            fig.suptitle(note, fontsize=8)
+            fig.suptitle(textwrap.fill(note, 180), fontsize=8)
         fig.tight_layout()
         fig.savefig(out / file, dpi=110)
         plt.close(fig)

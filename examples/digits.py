@@ -10,7 +10,9 @@ All methods start from the same noise and labels (100 of each digit by default):
   data-free), 50% lazy at 20 steps and 30% lazy at 10 steps;
 - ``DDIM``: fewer steps at about the same MACs (10 and 7 steps, LazyDiT table 1 pairs);
 - ``static``: the untrained baseline, every branch reused on a fixed pattern of steps
-  (every other step for 50%, every third for 30%).
+  (every other step for 50%, every third for 30%);
+- ``best-fixed``: the best fixed (site, step) schedule at the same MACs, forecast reuse, found by
+  ``examples/digits_fixed.py`` on separate noise (``examples/assets/digits_best_fixed_*.json``).
 
 Columns: lazy ratio (of all attention / MLP branch decisions), MACs per image (decisions
 counted per sample, as the paper does), latency per image at batch 1 (median, where a lazy
@@ -54,7 +56,7 @@ from lazypass.sampling import ddim_sample
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "full" | "lazy" | "static"
+    kind: str  # "full" | "lazy" | "static" | "fixed" (a best fixed schedule asset)
     steps: int
     ratio: float = 0.0  # target lazy ratio (lazy / static)
     reference: str = ""  # full-compute run from the same noise, for PSNR
@@ -65,10 +67,12 @@ METHODS = [
     Method("full-20", "full", 20, reference="full-20"),
     Method("lazy-50%-20", "lazy", 20, 0.5, "full-20", "DDIM-10"),
     Method("static-50%-20", "static", 20, 0.5, "full-20", "DDIM-10"),
+    Method("best-fixed-50%-20", "fixed", 20, 0.5, "full-20", "DDIM-10"),
     Method("DDIM-10", "full", 10, reference="full-20"),
     Method("full-10", "full", 10, reference="full-10"),
     Method("lazy-30%-10", "lazy", 10, 0.3, "full-10", "DDIM-7"),
     Method("static-30%-10", "static", 10, 0.3, "full-10", "DDIM-7"),
+    Method("best-fixed-30%-10", "fixed", 10, 0.3, "full-10", "DDIM-7"),
     Method("DDIM-7", "full", 7, reference="full-10"),
 ]
 
@@ -102,6 +106,7 @@ class Sampler:
     def __init__(self, model: torch.nn.Module, gates_dir: Path | None = None):
         self.plain = model
         self.gates_dir = gates_dir
+        self.fixed = {}  # reuse mode -> digits_fixed.FixedRunner
         # the lazy copy takes the options the gates were fitted under (reuse, max_age, ...)
         saved = read_gates(self.gate_file(Method("", "lazy", 20, 0.5))).config
         self.lazy = lazypass.apply(copy.deepcopy(model), **{k: saved[k] for k in GATE_OPTIONS})
@@ -123,6 +128,8 @@ class Sampler:
         if method.kind == "full":
             cb = (lambda i, t, x: bar.update(1)) if bar is not None else None
             return Run(ddim_sample(self.plain, noise, method.steps, callback=cb, **kwargs), None, rows)
+        if method.kind == "fixed":
+            return self.run_fixed(method, noise, kwargs, rows, bar, record)
         model = self.lazy
         self.load(method)
         schedule = static_skips(method.steps, method.ratio) if method.kind == "static" else None
@@ -141,6 +148,18 @@ class Sampler:
             images = ddim_sample(model, noise, method.steps, callback=cb, **kwargs)
             skipped = lazypass.stats(model).skipped if record else None
         return Run(images, skipped, rows)
+
+    def run_fixed(self, method: Method, noise, kwargs, rows, bar, record) -> Run:
+        """A best fixed schedule asset, on its own lazy copy (its reuse mode, zero gate weights)."""
+        from digits_fixed import FixedRunner, load_schedule, schedule_path
+
+        schedule = load_schedule(schedule_path(method.ratio, method.steps))
+        runner = self.fixed.get(schedule.reuse)
+        if runner is None:
+            runner = self.fixed[schedule.reuse] = FixedRunner(self.plain, schedule.reuse)
+        cb = (lambda i, t, x: bar.update(1)) if bar is not None else None
+        images, skipped = runner.sample(schedule.table, noise, kwargs.pop("cond"), callback=cb, **kwargs)
+        return Run(images, skipped if record else None, rows)
 
     def program(self, batch_rows: int):
         x = torch.zeros(batch_rows, 1, 8, 8)

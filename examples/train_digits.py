@@ -43,6 +43,30 @@ FLOW_SIGMA = "logit-normal"
 FLOW_TRAIN_SHIFT = 1.0
 
 
+def warmup_cosine(lr: float, steps: int):
+    """Learning rate at step i: linear warm-up over 5% of the steps, then a cosine to zero."""
+    warmup = max(1, steps // 20)
+
+    def lr_at(i: int) -> float:
+        if i < warmup:
+            return lr * (i + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+
+    return lr_at
+
+
+def train_step(opt, loss, lr: float, params: list, ema_params: list, decay: float) -> None:
+    """One optimiser step at ``lr``, then the EMA copy moves towards the weights."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        for pe, pm in zip(ema_params, params):
+            pe.lerp_(pm, 1 - decay)
+
+
 def train_dit(steps: int, batch: int, lr: float, seed: int, ema_decay: float) -> tuple[torch.nn.Module, dict]:
     x_all, y_all = load_digit_images()
     torch.manual_seed(seed)
@@ -51,12 +75,7 @@ def train_dit(steps: int, batch: int, lr: float, seed: int, ema_decay: float) ->
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return lr * (i + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+    lr_at = warmup_cosine(lr, steps)
 
     from tqdm.auto import tqdm
 
@@ -69,15 +88,8 @@ def train_dit(steps: int, batch: int, lr: float, seed: int, ema_decay: float) ->
         noise = torch.randn_like(x0)
         t = torch.randint(0, 1000, (batch,))
         loss = F.mse_loss(model(add_noise(x0, noise, t), t, y), noise)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
         decay = min(ema_decay, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        train_step(opt, loss, lr_at(i), list(model.parameters()), list(ema.parameters()), decay)
         losses.append(loss.item())
         if i % 100 == 99:
             bar.set_postfix(loss=f"{sum(losses[-100:]) / 100:.4f}")
@@ -174,12 +186,7 @@ def train_flow(steps: int, batch: int, lr: float, seed: int, ema_decay: float, s
     params = list(model.parameters()) + list(labels.parameters())
     ema_params = list(ema_model.parameters()) + list(ema_labels.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def lr_at(i: int) -> float:
-        if i < warmup:
-            return lr * (i + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, steps - warmup)))
+    lr_at = warmup_cosine(lr, steps)
 
     from tqdm.auto import tqdm
 
@@ -196,15 +203,7 @@ def train_flow(steps: int, batch: int, lr: float, seed: int, ema_decay: float, s
         x_t = (1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * noise
         v = model(x_t, timestep=s * 1000, return_dict=False, **labels(y))[0]
         loss = F.mse_loss(v, noise - x0)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(i)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay = min(ema_decay, (1 + i) / (10 + i))
-        with torch.no_grad():
-            for pe, pm in zip(ema_params, params):
-                pe.lerp_(pm, 1 - decay)
+        train_step(opt, loss, lr_at(i), params, ema_params, min(ema_decay, (1 + i) / (10 + i)))
         losses.append(loss.item())
         if i % log_every == log_every - 1:
             loads.append(os.getloadavg()[0])

@@ -16,17 +16,19 @@ if _torch is not None:
 
     _inductor.register()  # torch.compile(model, backend="lazydit")
 
-# Fitting pulls in torch.distributed and the samplers, export_onnx the ONNX exporter, and
-# lazypass.onnx onnxruntime / MNN; each loads on first use.
+# Fitting pulls in torch.distributed and the samplers, export_onnx the ONNX exporter,
+# lazypass.onnx onnxruntime / MNN, export_tensorrt and lazypass.tensorrt TensorRT; each loads
+# on first use.
 _LAZY = {name: "lazypass.fitting" for name in ("fit", "fit_pipeline", "FitConfig", "FitResult")}
 _LAZY["export_onnx"] = "lazypass.backends.onnx"
+_LAZY["export_tensorrt"] = "lazypass.backends.tensorrt"
 
 
 def __getattr__(name):
     import importlib
 
-    if name == "onnx":  # the runner module (torch-free)
-        return importlib.import_module("lazypass.onnx")
+    if name in ("onnx", "tensorrt"):  # the runner modules (lazypass.onnx is torch-free)
+        return importlib.import_module(f"lazypass.{name}")
     if name in _LAZY:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
@@ -44,6 +46,7 @@ __all__ = [
     "Stats",
     "apply",
     "export_onnx",
+    "export_tensorrt",
     "fit",
     "fit_pipeline",
     "load_gates",
@@ -53,6 +56,7 @@ __all__ = [
     "save_gates",
     "set_threshold",
     "stats",
+    "tensorrt",
     "trace",
     "trajectory",
 ]

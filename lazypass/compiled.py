@@ -14,6 +14,13 @@ Dynamo traces the lazy ``forward`` into :func:`compiled_call`. It must stay one 
 
 Eager and compiled calls keep separate caches; ``stats`` reads whichever ran last.
 
+The buffers belong to the model, not to a run: ``trajectory`` swaps their contents on
+enter and exit, so compiled runs go one at a time (``trajectory`` refuses a second one in
+another thread or task). A compiled call does not look for changes to the model (that
+would be Python on every call, a graph break): after changing the model, call it once
+eagerly (or ``lazypass.trace``); the program key then holds a new ``generation``, which
+dynamo guards on, so the compiled model is compiled again for the new program.
+
 ``torch.export.export(lazy_model, args)`` runs :func:`exported_call`: the same program on
 the same buffers, which are registered on the model as ``model.lazy_state.p<i>.<state
 name>`` (non-persistent, so not in the state dict) so that export sees them as module
@@ -32,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from lazypass.tracing import flatten_inputs, signature
+from lazypass.tracing import flatten_inputs
 
 RECORDS = 1024  # calls whose decisions ``stats`` can show (eager and compiled alike)
 
@@ -135,13 +142,14 @@ def compiled_records(rt) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _traced(rt, leaves, spec, inside: str, before: str):
-    key = signature(rt.model, leaves, spec)
+    key = rt.key_for(leaves, spec)
     prog = rt.programs.get(key)
     if prog is None:
         raise RuntimeError(
-            f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet, and tracing "
-            f"(torch.export) cannot run inside {inside}. Call the lazy model once eagerly with inputs "
-            f"of the same shapes, or use lazypass.trace(model, *inputs), before {before}"
+            f"lazypass: {type(rt.model).__name__} has not been traced for these inputs yet (or it changed "
+            "since: new adapters, modules, hooks, options), and tracing (torch.export) cannot run inside "
+            f"{inside}. Call the lazy model once eagerly with inputs of the same shapes, or use "
+            f"lazypass.trace(model, *inputs), before {before}"
         )
     return key, prog
 
@@ -151,6 +159,12 @@ def exported_call(rt, args: tuple, kwargs: dict):
     buffers (read through the module, so export sees them as buffers); the user's outputs only."""
     from torch.utils import _pytree as pytree
 
+    if not torch.compiler.is_dynamo_compiling() and not rt.watch.same_structure():
+        raise RuntimeError(
+            f"lazypass: {type(rt.model).__name__} changed since it was traced (modules, adapters, attention "
+            "processors or hooks), and tracing cannot run inside torch.export. Call the lazy model once eagerly "
+            "(or lazypass.trace(model, *inputs)) after the change, then export"
+        )
     leaves, spec = flatten_inputs(args, kwargs)
     key, prog = _traced(rt, leaves, spec, "torch.export", "exporting")
     state = getattr(rt.model, "lazy_state", None)
@@ -183,4 +197,5 @@ def compiled_call(rt, args: tuple, kwargs: dict):
         live.count.add_(1)
     rt.program = prog
     rt.compiled_last = True
+    rt.compiled_ever = True
     return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)

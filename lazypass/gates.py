@@ -40,6 +40,11 @@ class LazyGates(nn.Module):
     def weight(self, site: int, stream: int) -> nn.Parameter:
         return self.weights[self._offsets[site] + stream]
 
+    def site_index(self, site: int) -> int:
+        """Index of site ``site`` in ``bias`` and the per-site input weights (a program with
+        fewer sites maps its own, see ``lazypass/sitemap.py``)."""
+        return site
+
     @staticmethod
     def weight_name(site: int, stream: int) -> str:
         return f"lazy_gate_w_{site}_{stream}"

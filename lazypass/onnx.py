@@ -94,14 +94,14 @@ class Runner:
         self.path, self.meta, self.engine, self.runtime = path, meta, engine, runtime
         self.flavour = meta["flavour"]
         self.sites = meta["sites"]
-        self.settings = {s["name"]: _full(s["shape"], s["value"], s["dtype"]) for s in meta["settings"]}
+        self.settings = {s["name"]: self._value(s["shape"], s["value"], s["dtype"]) for s in meta["settings"]}
         self._static = meta.get("static")
         self.reset()
 
     # -- state ---------------------------------------------------------------------
     def reset(self) -> None:
         """Start a new sampling run: every state input back to the value a run starts from."""
-        self.state = {s["name"]: _full(s["shape"], s["fill"], s["dtype"]) for s in self.meta["state"]}
+        self.state = {s["name"]: self._value(s["shape"], s["fill"], s["dtype"]) for s in self.meta["state"]}
         self.records: list[dict] = []
         self._calls = 0
         self._last_t = None
@@ -131,11 +131,23 @@ class Runner:
         for s in self.meta["state"]:
             self.state[s["name"]] = outs[s["output"]]
         self._record(outs, pattern)
-        values = [outs[o["name"]] for o in self.meta["outputs"]]
-        if as_torch:
-            torch = sys.modules["torch"]
-            values = [torch.from_numpy(np.ascontiguousarray(v)) for v in values]
+        values = [self._result(outs[o["name"]], as_torch) for o in self.meta["outputs"]]
         return _build(self.meta["out_tree"], iter(values))
+
+    # what a runtime with other buffers (lazypass.tensorrt: torch CUDA tensors) changes
+    def _value(self, shape, value, dtype):
+        """A setting or state buffer holding ``value``."""
+        return _full(shape, value, dtype)
+
+    def _feed(self, value, entry):
+        """A user input as the engine takes it, and whether it was a torch tensor."""
+        return _array(value, entry)
+
+    def _result(self, value, as_torch: bool):
+        """A user output as the caller gets it."""
+        if as_torch:
+            return sys.modules["torch"].from_numpy(np.ascontiguousarray(value))
+        return value
 
     def _bind(self, args, kwargs):
         params = self.meta["params"]
@@ -156,7 +168,7 @@ class Runner:
             if e["param"] not in bound:
                 raise TypeError(f"missing input {e['param']!r}")
             v = _at(bound[e["param"]], e["path"], e["name"])
-            arr, was_torch = _array(v, e)
+            arr, was_torch = self._feed(v, e)
             as_torch |= was_torch
             feeds[e["name"]] = arr
         for c in self.meta["constants"]:
@@ -167,7 +179,10 @@ class Runner:
         return feeds, as_torch
 
     def _pattern(self, feeds) -> int:
-        """Static flavour: which graph this call runs (the schedule's row for this call of the run)."""
+        """Static flavour: which graph this call runs (the schedule's row for this call of the run).
+        The dynamic flavour's graph counts calls and sees the timestep rise itself."""
+        if self._static is None:
+            return 0
         name = self.meta.get("timestep")
         if name is not None:
             t = feeds[name].astype(np.float64).reshape(-1)
@@ -176,8 +191,6 @@ class Runner:
             self._last_t = t
         call = self._calls
         self._calls += 1
-        if self._static is None:
-            return 0
         schedule = self._static["schedule"]
         return schedule[call] if call < len(schedule) else 0
 

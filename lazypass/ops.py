@@ -130,3 +130,18 @@ def _einsum_macs(node: fx.Node) -> int:
     for letters, dims in zip(inputs, shapes):
         sizes.update(zip(letters, dims))
     return math.prod(sizes.values())
+
+
+# ops whose output may share memory with their first input: a write through them shows there
+_VIEWS = {
+    "slice", "select", "view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
+    "expand", "unflatten", "flatten", "split", "split_with_sizes", "chunk", "unbind", "getitem", "t",
+    "to", "type_as", "alias", "contiguous", "detach", "as_strided", "narrow", "diagonal", "movedim",
+    "view_as", "expand_as", "unfold", "swapaxes", "real", "imag", "view_as_real", "view_as_complex",
+}
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether ``node``'s output may share memory with its first input."""
+    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+    return name in _VIEWS

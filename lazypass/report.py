@@ -70,7 +70,7 @@ def report(model: nn.Module, *args, print_table: bool = True, **kwargs) -> list[
     rt = model.__dict__.get("_lazypass")
     if rt is not None:
         prog, _ = rt.program_for(args, kwargs)
-        sites, model_macs = prog.sites, prog.model_macs
+        sites, model_macs = (prog.sites, prog.model_macs) if prog is not None else ([], 0)
     else:
         cfg = LazyConfig()
         gm, _, info = analyse(model, model.forward, cfg, args, kwargs)
@@ -149,7 +149,8 @@ def stats(model: nn.Module) -> Stats:
         >>> print(lazypass.stats(model))  # doctest: +SKIP
     """
     rt = runtime(model)
-    prog, state = rt.program, rt.state
+    run = rt.current_run()
+    prog, state = (rt.program, None) if rt.compiled_last else (run.program, run.state)
     records = compiled_records(rt) if rt.compiled_last else (list(state.records) if state is not None else [])
     if prog is None or not records:
         sites = prog.sites if prog is not None else []

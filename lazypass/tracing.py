@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 import torch
 import torch.fx as fx
 from torch import nn
@@ -42,6 +44,37 @@ def signature(model: nn.Module, leaves, spec) -> tuple:
     return (str(spec), tuple(parts), where, model.training)
 
 
+def differing_inputs(old_key: tuple, new_key: tuple, args: tuple, kwargs: dict) -> str:
+    """The inputs in which the call ``(args, kwargs)`` (key ``new_key``) differs from the one
+    that made ``old_key``, named as the user passed them, for error messages."""
+    if old_key[0] != new_key[0]:
+        return "which arguments are passed, or their structure (a list or dict of another length)"
+    flat, _ = pytree.tree_flatten_with_path((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+    names = []
+    for i, (a, b) in enumerate(zip(old_key[1], new_key[1])):
+        if a != b:
+            path, leaf = flat[i]
+            what = "shape/dtype/device" if a[0] == "T" and b[0] == "T" else f"value {leaf!r}"
+            names.append(f"{_name(path)} ({what})")
+    if old_key[2:4] != new_key[2:4]:
+        names.append("the model's dtype, device or training mode")
+    return ", ".join(names) or "nothing it passes (the model itself changed)"
+
+
+def unsupported_inputs(args: tuple, kwargs: dict) -> list[str]:
+    """Inputs a traced program cannot take: anything but tensors and plain values (``torch.export``
+    refuses other objects, and bakes a module passed as an argument into the graph)."""
+    flat, _ = pytree.tree_flatten_with_path((tuple(args), {k: kwargs[k] for k in sorted(kwargs)}))
+    ok = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device, enum.Enum)
+    return [f"{_name(path)} ({type(leaf).__name__})" for path, leaf in flat if not isinstance(leaf, ok)]
+
+
+def _name(path) -> str:
+    first, *rest = path
+    head = f"argument {rest[0].idx}" if first.idx == 0 else str(rest[0].key)
+    return head + "".join(str(k) for k in rest[1:])
+
+
 def capture(model: nn.Module, forward, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, object]:
     """Export ``forward(*args, **kwargs)``; returns a flat-input GraphModule and the output spec.
 
@@ -62,9 +95,12 @@ def capture(model: nn.Module, forward, args: tuple, kwargs: dict) -> tuple[fx.Gr
         return leaf
 
     args, kwargs = pytree.tree_map(distinct, (tuple(args), kwargs))
-    with torch.no_grad():
+    from lazypass.hooks import traceable
+
+    with torch.no_grad(), traceable(model):
         ep = torch.export.export(_Capture(model, forward), tuple(args), kwargs, strict=False)
     gm = ep.module()
+    _forget_real_tensors(gm)
     out_spec = gm._out_spec
     gm._forward_pre_hooks.clear()
     gm._forward_hooks.clear()
@@ -75,6 +111,26 @@ def capture(model: nn.Module, forward, args: tuple, kwargs: dict) -> tuple[fx.Gr
     gm.graph._codegen = fx.graph.CodeGen()
     gm.recompile()
     return gm, out_spec
+
+
+def _forget_real_tensors(gm: fx.GraphModule) -> None:
+    """Drop the fake-tensor converter's memo of the real tensors it met while tracing.
+
+    The graph keeps fake tensors (``meta["val"]``), which keep their ``FakeTensorMode``
+    alive, whose converter holds a weak reference to every parameter it converted. A
+    parameter with a weak reference cannot be swapped (``torch.utils.swap_tensors``:
+    ``set_swap_module_params_on_conversion(True)``, ``enable_layerwise_casting``, ...).
+    Nothing converts real tensors with this mode after tracing, so the memo is not needed.
+    """
+    modes = {id(v.fake_mode): v.fake_mode for n in gm.graph.nodes
+             if (v := n.meta.get("val")) is not None and hasattr(v, "fake_mode")}
+    for mode in modes.values():
+        converter = mode.fake_tensor_converter.meta_converter
+        converter.tensor_memo.clear()
+        converter.storage_memo.clear()
+        converter.describer.lookup_tensor = type(converter.describer.lookup_tensor)()
+        converter.describer.lookup_storage = type(converter.describer.lookup_storage)()
+        mode.fake_tensor_converter.constant_storage_mapping.clear()
 
 
 def analyse(model: nn.Module, forward, cfg, args: tuple, kwargs: dict):

@@ -13,6 +13,14 @@ from tests.archs import ARCHS, random_gates
 ARCH = ARCHS["ref_dit"]
 
 
+@pytest.fixture(autouse=True)
+def _inference():
+    """These are inference calls: with grad on while parameters require grad, a lazy model
+    runs its original forward (docs/live-model.md), so run them as pipelines do."""
+    with torch.no_grad():
+        yield
+
+
 def _inputs(batch=2, t=900, seed=0):
     return ARCH.inputs(batch, t, seed)[0]
 
@@ -174,7 +182,7 @@ def test_timestep_forms_step_the_same(form):
     }[form]
     outs = {}
     for name, maker in (("ref", lambda v: torch.full((2,), v)), (form, make)):
-        model = lazypass.apply(_AnyTimestep())
+        model = lazypass.apply(_AnyTimestep().eval())  # train() mode runs the original forward
         lazypass.set_threshold(model, -0.5)
         got = []
         with torch.no_grad():

@@ -23,25 +23,12 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.ops import is_view
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
 _SCATTER = {aten.slice.Tensor: aten.slice_scatter.default, aten.select.int: aten.select_scatter.default}
-# ops whose output may share memory with their first input: a write through them shows there
-_VIEWS = {
-    "slice", "select", "view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
-    "expand", "unflatten", "flatten", "split", "split_with_sizes", "chunk", "unbind", "getitem", "t",
-    "to", "type_as", "alias", "contiguous", "detach", "as_strided", "narrow", "diagonal", "movedim",
-    "view_as", "expand_as", "unfold", "swapaxes", "real", "imag", "view_as_real", "view_as_complex",
-}
-
-
-def _is_view(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", str(node.target)).split(".")[0]
-    return name in _VIEWS
-
-
 def functionalize(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     graph = gm.graph
     rewritten = 0
@@ -77,7 +64,7 @@ def _safe(base: fx.Node, view: fx.Node, order, pos: int) -> bool:
     sources must not be read after the write either.
     """
     chain = [base]
-    while _is_view(chain[-1]) and chain[-1].args and isinstance(chain[-1].args[0], fx.Node):
+    while is_view(chain[-1]) and chain[-1].args and isinstance(chain[-1].args[0], fx.Node):
         chain.append(chain[-1].args[0])
     if any(n.op != "call_function" for n in chain):
         return False
@@ -87,7 +74,7 @@ def _safe(base: fx.Node, view: fx.Node, order, pos: int) -> bool:
     for u in base.users:
         if u is view or order[u] > pos:
             continue
-        if _is_view(u) and not _consumed_before(u, order, pos):
+        if is_view(u) and not _consumed_before(u, order, pos):
             return False
     return True
 
@@ -98,6 +85,6 @@ def _consumed_before(node: fx.Node, order, pos: int) -> bool:
             return False
         if u.target is aten.copy_.default:
             return False  # another write through an alias: leave it
-        if _is_view(u) and not _consumed_before(u, order, pos):
+        if is_view(u) and not _consumed_before(u, order, pos):
             return False
     return True

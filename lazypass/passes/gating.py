@@ -78,7 +78,8 @@ def drift_of(call, current: list[fx.Node], pools: list[fx.Node], valid: fx.Node)
 
 
 def _site(call, gm, gates, name: str, i: int) -> fx.Node:
-    return call(aten.select.int, _param(call, gm, f"lazy_gate_{name}", getattr(gates, name)), 0, i)
+    # site_index: a program with fewer sites than the gates reads its own (lazypass/sitemap.py)
+    return call(aten.select.int, _param(call, gm, f"lazy_gate_{name}", getattr(gates, name)), 0, gates.site_index(i))
 
 
 def _param(call, gm, name, param):

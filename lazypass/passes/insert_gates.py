@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
-from lazypass.ops import shape, value
+from lazypass.ops import is_view, shape, value
 from lazypass.passes.build import caller, graph_inputs, inserting_after, user_outputs
 from lazypass.passes.gating import drift_of, gate_logit, means, token_sums
 from lazypass.passes.info import graph_info
@@ -297,6 +297,25 @@ def _dense(g: fx.Graph, node: fx.Node, stream) -> fx.Node:
     return g.call_function(aten.clone.default, (node,), {"memory_format": torch.contiguous_format})
 
 
+def _unaliased(g: fx.Graph, outs: list[fx.Node]) -> list[fx.Node]:
+    """The branch outputs, copied where one is a branch input, a view of one, or shares memory
+    with another output (CogVideoX's two streams end at one node): ``cond`` branches may not
+    return aliases, and torch.export refuses them."""
+    def root(node):
+        while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        return node
+
+    roots = [root(o) for o in outs]
+    shared = {r for r in roots if roots.count(r) > 1}
+    kept = []
+    for o, r in zip(outs, roots):
+        if o in kept or r.op == "placeholder" or (o is not r and r in shared):
+            o = g.call_function(aten.clone.default, (o,))
+        kept.append(o)
+    return kept
+
+
 def _dense_value(v):
     """The example value of a branch output after ``_dense``: same shape, contiguous strides."""
     if v is None or v.is_contiguous():
@@ -338,6 +357,7 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool):
     reuse.output(tuple(reused(reuse, [reuse.placeholder(name) for name in names])))
 
     compute, _, outs = branch_graph(m, names)
+    outs = _unaliased(compute, outs)
     compute.output(tuple(_dense(compute, o, s) for o, s in zip(outs, m.streams)))
 
     mixed, extras, outs = branch_graph(m, names)

@@ -1,0 +1,582 @@
+"""Quality against compute on the digits DiT: every way to spend fewer MACs per image.
+
+    PYTHONPATH=$PWD python benchmarks/quality_curve.py --out docs/curve          # the whole curve
+    PYTHONPATH=$PWD python benchmarks/quality_curve.py --only learned --out docs/curve   # learned gates again
+    PYTHONPATH=$PWD python benchmarks/quality_curve.py --samples 16 --seeds 0 --quick --out /tmp/qc  # smoke
+
+CFG 1, the project's digits DiT (``examples/digits_eval.py``), DDIM (eta 0), ``--samples`` images
+per noise seed (labels 0-9 in turn, noise ``torch.randn`` from ``Generator().manual_seed(seed)``,
+as the main job draws seed 0), FD against the 1,797 real digits; mean and sample standard
+deviation over the seeds. Methods:
+
+- ``baselines``: DDIM at every step count from 5 to 20, and DPM-Solver++(2M) and UniPC
+  (diffusers schedulers, order 2, on the same model and noise) at the same counts; the solvers'
+  timestep spacing is chosen among leading / linspace / trailing on separate noise (seed 700,
+  FD at 7 and 10 steps), so each solver runs at its best;
+- ``fixed``: untrained fixed schedules: every branch reused on evenly spread steps ("spread"), and
+  blocks alternating (even blocks reuse on those steps, odd blocks one step earlier), each with
+  copy and forecast reuse, at 50% of 20 steps and 30% of 10; spread-forecast also at every
+  learned ratio of 20 steps;
+- ``best_fixed``: the best fixed (site, step) schedules found by ``examples/digits_fixed.py`` on
+  separate search noise (assets ``examples/assets/digits_best_fixed_*.json``);
+- ``learned``: ``lazypass.fit`` gates at 30, 40, 50, 60, 67 and 75% of 20 steps and 30% of 10,
+  the committed gate files where they exist, else fitted with the library defaults and
+  ``target_ratio`` (noise seeds 10,000 and up) and cached under ``--out/gates``;
+- ``oracle``: per sample and step, it runs both the full model and the all-reuse (forecast)
+  model from the row's own state and reuses where the weighted eps error
+  ``c_i^2 * mean((eps_reuse - eps_full)^2)`` is below ``tau`` (``c_i``: the DDIM coefficient of
+  eps at step i); ``tau`` is bisected on separate noise (seed 901) to the budget. A one-step
+  greedy oracle: it shows how much per-sample gating could gain, it is not an upper bound.
+
+MACs per image are counted from what ran: the model's MACs per call times calls, minus the
+branches each sample skipped (``lazypass.stats``; the oracle's own decisions). "DDIM @eq" is the
+DDIM curve's FD linearly interpolated at the method's MACs (same seed), "best solver @eq" the
+best of DDIM, DPM-Solver++ and UniPC there, and "gap closed" ``(FD_DDIM@eq - FD) / (FD_DDIM@eq -
+FD_full)`` with ``FD_full`` the full-compute run at the method's step count. PSNR is against
+that full-compute run (same noise). Each (method, seed) result is cached under ``--out/results``,
+so parts can run separately (``--only``) and a later run assembles the table (``table.md``) and
+the plot (``curve.png``, FD against MACs per image) from all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+
+import lazypass  # noqa: E402
+from digits_eval import (  # noqa: E402
+    NULL_CLASS, classifier_outputs, frechet_distance, gates_path, gaussian_stats, load_classifier,
+    load_digit_images, load_dit, psnr,
+)  # fmt: skip
+from digits_fixed import (  # noqa: E402
+    FixedRunner, alternating_table, load_schedule, schedule_path, spread_table, table_ratio,
+)  # fmt: skip
+from lazypass.checkpoint import read_gates  # noqa: E402
+from lazypass.config import GATE_OPTIONS  # noqa: E402
+from lazypass.runtime import runtime  # noqa: E402
+from lazypass.sampling import ALPHAS_CUMPROD, ddim_sample, ddim_timesteps  # noqa: E402
+
+PARTS = ("baselines", "fixed", "best_fixed", "learned", "oracle")
+RATIOS_20 = (0.3, 0.4, 0.5, 0.6, 2 / 3, 0.75)
+HEADLINE = ((0.5, 20), (0.3, 10))
+SOLVERS = ("DPM++(2M)", "UniPC")
+SPACING_SEED, ORACLE_SEED, FIT_SEED = 700, 901, 10_000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One point of the curve: ``family`` groups points into a plotted line."""
+
+    name: str
+    family: str
+    steps: int
+    ratio: float = 0.0
+    part: str = "baselines"
+
+
+def pct(r: float) -> str:
+    return f"{round(r * 100)}%"
+
+
+def entries(args) -> list[Entry]:
+    out = []
+    counts = args.baseline_steps or range(args.min_steps, 21)
+    for n in counts:
+        out.append(Entry(f"DDIM-{n}", "DDIM", n))
+    for solver in args.solvers:
+        for n in counts:
+            out.append(Entry(f"{solver}-{n}", solver, n))
+    for ratio, steps in HEADLINE:
+        for pattern in ("spread", "alternating"):
+            for reuse in ("copy", "forecast"):
+                out.append(Entry(f"{pattern}-{reuse} {pct(ratio)}/{steps}", f"{pattern}-{reuse}", steps, ratio, "fixed"))
+    for ratio in args.ratios:
+        if (ratio, 20) not in HEADLINE:
+            out.append(Entry(f"spread-forecast {pct(ratio)}/20", "spread-forecast", 20, ratio, "fixed"))
+    for ratio, steps in HEADLINE:
+        if schedule_path(ratio, steps).exists():
+            out.append(Entry(f"best-fixed {pct(ratio)}/{steps}", "best-fixed", steps, ratio, "best_fixed"))
+    for ratio in args.ratios:
+        out.append(Entry(f"learned {pct(ratio)}/20", "learned", 20, ratio, "learned"))
+    out.append(Entry("learned 30%/10", "learned", 10, 0.3, "learned"))
+    for ratio, steps in [(r, 20) for r in args.oracle_ratios] + [(0.3, 10)]:
+        out.append(Entry(f"oracle {pct(ratio)}/{steps}", "oracle", steps, ratio, "oracle"))
+    return out
+
+
+# -- sampling ----------------------------------------------------------------------------
+
+
+def eval_noise(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.arange(n) % 10
+
+
+def make_solver(name: str, spacing: str):
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    kw = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+              prediction_type="epsilon", timestep_spacing=spacing, steps_offset=0, solver_order=2)  # fmt: skip
+    if name == "DPM++(2M)":
+        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **kw)
+    return UniPCMultistepScheduler(**kw)
+
+
+@torch.no_grad()
+def solver_sample(model, name: str, spacing: str, noise, labels, steps: int) -> torch.Tensor:
+    sched = make_solver(name, spacing)
+    sched.set_timesteps(steps)
+    x = noise * sched.init_noise_sigma
+    for t in sched.timesteps:
+        eps = model(x, t.expand(x.shape[0]).long(), labels)
+        x = sched.step(eps, t, x).prev_sample
+    return x
+
+
+def ddim_coefficients(steps: int) -> np.ndarray:
+    """|d x_prev / d eps| of each DDIM step (the last step gives the x0 estimate)."""
+    ts = ddim_timesteps(steps)
+    a = ALPHAS_CUMPROD.numpy()
+    out = []
+    for i, t in enumerate(ts):
+        ap = a[ts[i + 1]] if i + 1 < len(ts) else 1.0
+        out.append(abs(math.sqrt(ap) * math.sqrt(1 - a[t]) / math.sqrt(a[t]) - math.sqrt(1 - ap)))
+    return np.array(out)
+
+
+class Oracle:
+    """Per-sample, per-step oracle over a lazy forecast model (see the module docstring).
+
+    It reads and writes the lazy model's cache state between its two calls per step
+    (``runtime(model).state.tensors``: batch on dim 1 of the per-site state, dim 0 of
+    ``lazy_last_t``), which no user code should do; it is a measuring device only.
+    """
+
+    def __init__(self, model):
+        self.lazy = lazypass.apply(copy.deepcopy(model), reuse="forecast", gate_inputs=())
+
+    def sample(self, noise, labels, steps: int, tau: float) -> tuple[torch.Tensor, np.ndarray]:
+        w2 = ddim_coefficients(steps) ** 2
+        rt = runtime(self.lazy)
+        decisions = []
+
+        def fn(x, t, y):
+            i = len(decisions)
+            if i == 0:
+                lazypass.set_threshold(self.lazy, 1.5)
+                decisions.append(torch.zeros(x.shape[0], dtype=torch.bool))
+                return self.lazy(x, t, y)
+            state = rt.state.tensors
+            before = [s.clone() for s in state]
+            lazypass.set_threshold(self.lazy, -0.5)  # every branch reuses (forecast)
+            e_reuse = self.lazy(x, t, y)
+            reused = [s.clone() for s in state]
+            for s, b in zip(state, before):
+                s.copy_(b)
+            lazypass.set_threshold(self.lazy, 1.5)  # every branch computes
+            e_full = self.lazy(x, t, y)
+            skip = w2[i] * (e_reuse - e_full).pow(2).flatten(1).mean(1) < tau
+            for s, r in zip(state, reused):
+                if s.dim() >= 1 and s.shape[min(1, s.dim() - 1)] == x.shape[0]:
+                    axis = 1 if s.dim() >= 2 else 0
+                    mask = skip.view([1] * axis + [-1] + [1] * (s.dim() - axis - 1))
+                    s.copy_(torch.where(mask, r, s))
+            decisions.append(skip)
+            return torch.where(skip.view(-1, 1, 1, 1), e_reuse, e_full)
+
+        with lazypass.trajectory(self.lazy):
+            images = ddim_sample(fn, noise, steps, cond=labels, learned_sigma=False)
+        return images, torch.stack(decisions).numpy()  # (steps, rows)
+
+    def calibrate(self, steps: int, target: float, samples: int, iters: int = 12) -> tuple[float, float]:
+        g = torch.Generator().manual_seed(ORACLE_SEED)
+        noise, labels = torch.randn(samples, 1, 8, 8, generator=g), torch.randint(0, 10, (samples,), generator=g)
+        lo, hi, best = -12.0, 2.0, None
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            _, dec = self.sample(noise, labels, steps, 10.0**mid)
+            r = float(dec.mean())
+            if best is None or abs(r - target) < abs(best[1] - target):
+                best = (10.0**mid, r)
+            if abs(r - target) < 0.004:
+                break
+            lo, hi = (mid, hi) if r < target else (lo, mid)
+        return best
+
+
+# -- the benchmark -----------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.model = load_dit()
+        self.classifier = load_classifier()
+        real, _ = load_digit_images()
+        self.real_stats = gaussian_stats(classifier_outputs(self.classifier, real)[0])
+        self.runners: dict[str, FixedRunner] = {}
+        r = self.runner("copy")
+        self.site_macs = r.site_macs  # per call, per image
+        x, t, y = torch.zeros(1, 1, 8, 8), torch.full((1,), 999), torch.zeros(1, dtype=torch.long)
+        self.call_macs = float(runtime(r.lazy).program_for((x, t, y), {})[0].model_macs)
+        self.results_dir = args.out / "results"
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        self._oracle = None
+        self._spacing = None
+
+    def runner(self, reuse: str) -> FixedRunner:
+        if reuse not in self.runners:
+            self.runners[reuse] = FixedRunner(self.model, reuse)
+        return self.runners[reuse]
+
+    def fd(self, images) -> float:
+        return frechet_distance(gaussian_stats(classifier_outputs(self.classifier, images)[0]), self.real_stats)
+
+    def macs(self, steps: int, skipped: np.ndarray | None) -> float:
+        """Per image: calls x model MACs, minus the skipped branches (skipped: calls, sites, rows)."""
+        total = steps * self.call_macs
+        if skipped is not None:
+            total -= float((skipped.mean(2) * self.site_macs).sum())
+        return total
+
+    # cached per (method, seed)
+    def _path(self, e: Entry, seed: int) -> Path:
+        """Result file; learned and best-fixed results name the gate / schedule file's content
+        hash, so refitted gates or a new search are measured again, never read from the cache."""
+        safe = e.name.replace(" ", "_").replace("/", "-").replace("%", "pct").replace("(", "").replace(")", "")
+        source = self.gate_path(e) if e.part == "learned" else schedule_path(e.ratio, e.steps) if (
+            e.part == "best_fixed") else None  # fmt: skip
+        tag = ""
+        if source is not None:
+            tag = "_" + (hashlib.sha256(source.read_bytes()).hexdigest()[:10] if source.exists() else "missing")
+        return self.results_dir / f"{safe}{tag}_s{seed}_n{self.args.samples}.json"
+
+    def cached(self, e: Entry, seed: int) -> dict | None:
+        p = self._path(e, seed)
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def reference(self, steps: int, seed: int) -> torch.Tensor:
+        """Full-compute DDIM images at ``steps`` (saved: PSNR references)."""
+        p = self.args.out / "images" / f"full{steps}_s{seed}_n{self.args.samples}.safetensors"
+        if p.exists():
+            return load_file(str(p))["images"]
+        noise, labels = eval_noise(seed, self.args.samples)
+        x = ddim_sample(self.model, noise, steps, cond=labels, learned_sigma=False)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": x.contiguous()}, str(p))
+        return x
+
+    def spacing(self) -> dict:
+        if self._spacing is None:
+            p = self.args.out / "results" / f"solver_spacing_n{self.args.spacing_samples}.json"
+            lock = p.with_suffix(".lock")
+            while not p.exists() and lock.exists():  # another run of this script is choosing it
+                time.sleep(5)
+            if p.exists():
+                self._spacing = json.loads(p.read_text())
+            else:
+                lock.touch()
+                noise, labels = eval_noise(SPACING_SEED, self.args.spacing_samples)
+                choice, scores = {}, {}
+                for solver in SOLVERS:
+                    for sp in ("leading", "linspace", "trailing"):
+                        scores[f"{solver} {sp}"] = sum(
+                            self.fd(solver_sample(self.model, solver, sp, noise, labels, n)) for n in (7, 10))
+                    choice[solver] = min(("leading", "linspace", "trailing"), key=lambda s: scores[f"{solver} {s}"])
+                self._spacing = dict(choice=choice, fd_sum_7_10=scores)
+                p.write_text(json.dumps(self._spacing, indent=1))
+                lock.unlink()
+        return self._spacing["choice"]
+
+    def run(self, e: Entry, seed: int) -> dict:
+        hit = self.cached(e, seed)
+        if hit is not None:
+            return hit
+        if e.part == "learned":
+            self.gate_file(e)  # fitted first, so the result is saved under its gates' hash
+        noise, labels = eval_noise(seed, self.args.samples)
+        start = time.perf_counter()
+        skipped, extra = None, {}
+        if e.family == "DDIM":
+            images = self.reference(e.steps, seed) if e.steps in (10, 20) else ddim_sample(
+                self.model, noise, e.steps, cond=labels, learned_sigma=False)
+        elif e.family in SOLVERS:
+            sp = self.spacing()[e.family]
+            images = solver_sample(self.model, e.family, sp, noise, labels, e.steps)
+            extra["spacing"] = sp
+        elif e.part in ("fixed", "best_fixed"):
+            if e.part == "best_fixed":
+                sched = load_schedule(schedule_path(e.ratio, e.steps))
+                table, reuse = sched.table, sched.reuse
+            else:
+                pattern, reuse = e.family.split("-")
+                n = len(self.site_macs)
+                table = spread_table(e.steps, e.ratio, n) if pattern == "spread" else alternating_table(e.steps, e.ratio, 2, n)
+            images, skipped = self.runner(reuse).sample(table, noise, labels)
+            extra["table_ratio"] = table_ratio(table, self.site_macs)
+        elif e.part == "learned":
+            images, skipped, extra = self.learned(e, noise, labels)
+        elif e.part == "oracle":
+            images, skipped, extra = self.oracle(e, noise, labels)
+        else:
+            raise ValueError(e)
+        seconds = time.perf_counter() - start
+        macs = self.macs(e.steps, skipped)
+        lazy = 0.0 if skipped is None else float((skipped.mean(2) * self.site_macs).sum() / (e.steps * self.site_macs.sum()))
+        res = dict(name=e.name, seed=seed, samples=self.args.samples, fd=self.fd(images), macs=macs, lazy=lazy,
+                   seconds=round(seconds, 1), **extra)  # fmt: skip
+        if e.part != "baselines" or e.steps != 20:
+            ref_steps = e.steps if e.part != "baselines" else 20
+            res["psnr"] = psnr(images, self.reference(ref_steps, seed))
+            res["psnr_ref"] = f"DDIM-{ref_steps}"
+        self._path(e, seed).write_text(json.dumps(res, indent=1))
+        return res
+
+    # -- learned gates
+    def gate_path(self, e: Entry) -> Path:
+        """The committed gate file where it exists (unless --refit), else one fitted under --out/gates."""
+        committed = gates_path(e.ratio, e.steps)
+        if committed.exists() and not self.args.refit:
+            return committed
+        return self.args.out / "gates" / committed.name
+
+    def gate_file(self, e: Entry) -> Path:
+        path = self.gate_path(e)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            model = lazypass.apply(load_dit())
+
+            def sample_fn(i: int) -> dict:
+                g = torch.Generator().manual_seed(FIT_SEED + 1000 * round(e.ratio * 100) + i)
+                return {"noise": torch.randn(64, 1, 8, 8, generator=g),
+                        "cond": torch.randint(0, 10, (64,), generator=g), "null_cond": torch.full((64,), NULL_CLASS)}
+
+            start = time.perf_counter()
+            result = lazypass.fit(model, sample_fn, target_ratio=e.ratio, num_inference_steps=e.steps, progress=False)
+            lazypass.save_gates(model, path)
+            (path.with_suffix(".json")).write_text(json.dumps(dict(
+                fit_seconds=round(time.perf_counter() - start, 1), lazy_ratio=result.lazy_ratio,
+                threshold=result.threshold), indent=1))  # fmt: skip
+        return path
+
+    def learned(self, e: Entry, noise, labels):
+        path = self.gate_file(e)
+        saved = read_gates(path).config
+        model = lazypass.apply(copy.deepcopy(self.model), **{k: saved[k] for k in GATE_OPTIONS})
+        lazypass.load_gates(model, path)
+        with lazypass.trajectory(model):
+            images = ddim_sample(model, noise, e.steps, cond=labels, learned_sigma=False)
+            skipped = lazypass.stats(model).skipped
+        info = dict(gates=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
+        meta = path.with_suffix(".json")
+        if meta.exists():
+            info["fit_seconds"] = json.loads(meta.read_text())["fit_seconds"]
+        return images, skipped, info
+
+    # -- oracle
+    def oracle(self, e: Entry, noise, labels):
+        if self._oracle is None:
+            self._oracle = Oracle(self.model)
+        p = self.results_dir / f"oracle_tau_{e.steps}_{round(e.ratio * 100)}_n{self.args.oracle_samples}.json"
+        if p.exists():
+            tau, r = json.loads(p.read_text())
+        else:
+            tau, r = self._oracle.calibrate(e.steps, e.ratio, self.args.oracle_samples, self.args.oracle_iters)
+            p.write_text(json.dumps([tau, r]))
+        images, dec = self._oracle.sample(noise, labels, e.steps, tau)
+        n = len(self.site_macs)
+        skipped = np.repeat(dec[:, None, :], n, axis=1)
+        return images, skipped, dict(tau=tau, calibration_ratio=r)
+
+
+def mean_sd(v) -> tuple[float, float]:
+    v = np.asarray(v, dtype=float)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def interp(points: dict[float, float], x: float) -> float:
+    """Linear interpolation of {MACs: FD}; NaN outside the measured range."""
+    xs = sorted(points)
+    if not xs or x < xs[0] - 1e-6 * xs[0] or x > xs[-1] * (1 + 1e-6):
+        return float("nan")
+    return float(np.interp(x, xs, [points[k] for k in xs]))
+
+
+def summarize(es: list[Entry], results: dict, seeds: list[int]) -> list[dict]:
+    """Per method: mean and spread over the seeds of FD, PSNR, MACs, and the equal-MAC comparisons."""
+    by_seed = {s: {e.name: results.get((e.name, s)) for e in es} for s in seeds}
+    rows = []
+    for e in es:
+        per = [by_seed[s][e.name] for s in seeds if by_seed[s][e.name] is not None]
+        if not per:
+            continue
+        row = dict(entry=e, n=len(per), fd=mean_sd([r["fd"] for r in per]), macs=float(np.mean([r["macs"] for r in per])),
+                   lazy=float(np.mean([r["lazy"] for r in per])))  # fmt: skip
+        if all("psnr" in r for r in per):
+            row["psnr"] = mean_sd([r["psnr"] for r in per])
+            row["psnr_ref"] = per[0]["psnr_ref"]
+        ddim_eq, best_eq, gap = [], [], []
+        for r in per:
+            s = r["seed"]
+            curves = {f: {} for f in ("DDIM", *SOLVERS)}
+            for other in es:
+                o = by_seed[s].get(other.name)
+                if o is not None and other.family in curves:
+                    curves[other.family][o["macs"]] = o["fd"]
+            d = interp(curves["DDIM"], r["macs"])
+            full = by_seed[s].get(f"DDIM-{e.steps}")
+            ddim_eq.append(d)
+            best_eq.append(min((interp(c, r["macs"]) for c in curves.values()), key=lambda v: (math.isnan(v), v)))
+            if e.part != "baselines" and full is not None and not math.isnan(d) and d != full["fd"]:
+                gap.append((d - r["fd"]) / (d - full["fd"]))
+        if e.part != "baselines":
+            row["ddim_eq"] = mean_sd(ddim_eq)
+            row["best_eq"] = mean_sd(best_eq)
+            if len(gap) == len(per):
+                row["gap"] = mean_sd(gap)
+        rows.append(row)
+    return rows
+
+
+def fmt(ms, d=2) -> str:
+    m, s = ms
+    return "nan" if math.isnan(m) else f"{m:.{d}f} ± {s:.{d}f}"
+
+
+def table(rows: list[dict], tablefmt="simple") -> str:
+    out = []
+    for r in rows:
+        e = r["entry"]
+        out.append([
+            e.name, e.steps, r["n"], f"{r['lazy']:.1%}" if e.part != "baselines" else "-", f"{r['macs'] / 1e6:.1f}",
+            fmt(r["fd"]), f"{fmt(r['psnr'])} vs {r['psnr_ref']}" if "psnr" in r else "-",
+            fmt(r["ddim_eq"]) if "ddim_eq" in r else "-", fmt(r["best_eq"]) if "best_eq" in r else "-",
+            fmt(r["gap"]) if "gap" in r else "-",
+        ])  # fmt: skip
+    headers = ["method", "steps", "seeds", "lazy (MACs)", "MMACs/image", "FD", "PSNR dB", "DDIM FD @eq MACs",
+               "best solver FD @eq", "gap closed"]  # fmt: skip
+    return tabulate(out, headers=headers, tablefmt=tablefmt)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        key = r["entry"].family + (f" ({r['entry'].steps} steps)" if r["entry"].part not in ("baselines",) else "")
+        families.setdefault(key, []).append(r)
+    styles = {"DDIM": ("k", "-", "o"), "DPM++(2M)": ("tab:blue", "--", "s"), "UniPC": ("tab:cyan", "--", "^")}
+    colors = {"spread-copy": "tab:olive", "spread-forecast": "tab:green", "alternating-copy": "tab:brown",
+              "alternating-forecast": "tab:purple", "best-fixed": "tab:orange", "learned": "tab:red",
+              "oracle": "tab:pink"}  # fmt: skip
+    for k, (key, rs) in enumerate(sorted(families.items())):
+        rs = sorted(rs, key=lambda r: r["macs"])
+        fam, steps = rs[0]["entry"].family, rs[0]["entry"].steps
+        color, ls, marker = styles.get(fam, (colors.get(fam, f"C{k % 10}"), "-" if len(rs) > 1 else "none",
+                                             "D" if steps == 20 else "v"))  # fmt: skip
+        ax.errorbar([r["macs"] / 1e9 for r in rs], [r["fd"][0] for r in rs], yerr=[r["fd"][1] for r in rs],
+                    color=color, linestyle=ls, marker=marker, markersize=4, capsize=2, label=key)  # fmt: skip
+    ax.set_xlabel("GMACs per image (executed); lazy methods: diamonds at 20 steps, triangles at 10")
+    ax.set_ylabel("FD to the real digits (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def headline(rows: list[dict]) -> str:
+    by = {r["entry"].name: r for r in rows}
+
+    def gap(name):
+        r = by.get(name)
+        return f"{r['gap'][0]:.2f}" if r and "gap" in r else "n/a"
+
+    parts = []
+    for ratio, steps in HEADLINE:
+        tag = f"{pct(ratio)}/{steps}"
+        eq = by.get(f"learned {tag}") or by.get(f"best-fixed {tag}") or by.get(f"spread-forecast {tag}")
+        ddim = f"{eq['ddim_eq'][0]:.2f}" if eq and "ddim_eq" in eq else "n/a"
+        parts.append(f"learned{tag.replace('%', '')} gap={gap(f'learned {tag}')} best_fixed gap={gap(f'best-fixed {tag}')} "
+                     f"spread_forecast gap={gap(f'spread-forecast {tag}')} oracle gap={gap(f'oracle {tag}')} ddim_eq FD={ddim}")  # fmt: skip
+    return "quality_curve: " + "; ".join(parts)
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=1000, help="images per noise seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--only", nargs="+", choices=PARTS + ("none",), default=list(PARTS),
+                   help="parts to run; every cached result is tabulated ('none': only the table and plot)")
+    p.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS_20), help="lazy ratios at 20 steps")
+    p.add_argument("--oracle-ratios", type=float, nargs="+", default=[0.5], help="oracle ratios at 20 steps (plus 30%%/10)")
+    p.add_argument("--min-steps", type=int, default=5, help="shortest DDIM / solver run")
+    p.add_argument("--baseline-steps", type=int, nargs="+", default=None,
+                   help="run the baselines at these step counts only (default min-steps..20)")
+    p.add_argument("--quick", action="store_true", help="smoke mode: 20 steps 50%% and 10 steps 30%% only, "
+                   "no fitting (committed gates), baselines at 5, 7, 10, 20 steps")  # fmt: skip
+    p.add_argument("--refit", action="store_true", help="fit every learned point (ignore the committed gate files)")
+    p.add_argument("--spacing-samples", type=int, default=100, help="samples of the solvers' spacing choice")
+    p.add_argument("--solvers", nargs="*", choices=SOLVERS, default=list(SOLVERS), help="diffusers solver curves")
+    p.add_argument("--oracle-samples", type=int, default=64, help="calibration samples of the oracle's tau")
+    p.add_argument("--oracle-iters", type=int, default=12, help="bisection steps of the oracle's tau")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("docs/curve"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.quick:
+        args.ratios, args.oracle_ratios = [0.5], [0.5]
+    args.ratios = [2 / 3 if abs(r - 2 / 3) < 0.01 else r for r in args.ratios]
+    es = entries(args)
+    if args.quick:
+        es = [e for e in es if e.part != "baselines" or e.steps in (5, 7, 10, 20)]  # fmt: skip
+        es = [e for e in es if e.part != "learned" or gates_path(e.ratio, e.steps).exists()]
+    bench = Bench(args)
+    results = {}
+    for seed in args.seeds:
+        for e in es:
+            if e.part in args.only:
+                r = bench.run(e, seed)
+                print(f"  seed {seed} {e.name}: FD {r['fd']:.2f} MMACs {r['macs'] / 1e6:.1f} "
+                      f"({r['seconds']:.0f} s) [{time.perf_counter() - start:.0f} s]", flush=True)  # fmt: skip
+            hit = bench.cached(e, seed)
+            if hit is not None:
+                results[(e.name, seed)] = hit
+    rows = summarize(es, results, args.seeds)
+    title = (f"digits DiT, CFG 1, {args.samples} samples x seeds {args.seeds}: FD against executed MACs "
+             f"(mean and sd over seeds)")  # fmt: skip
+    text = table(rows)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cmd = "PYTHONPATH=$PWD python benchmarks/quality_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out / "table.md").write_text(f"`{cmd}`\n\n{title}\n\n{table(rows, 'github')}\n\n{headline(rows)}\n")
+    plot(rows, args.out / "curve.png", title)
+    print(f"wrote {args.out}/table.md, {args.out}/curve.png; wall time {time.perf_counter() - start:.0f} s")
+    print(headline(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

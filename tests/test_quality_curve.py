@@ -1,0 +1,76 @@
+"""``benchmarks/quality_curve.py``: the equal-MAC arithmetic, and a smoke run of its quick mode."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import quality_curve as qc  # noqa: E402
+
+
+def test_interpolation_inside_the_measured_range_only():
+    pts = {1.0: 10.0, 3.0: 4.0}
+    assert qc.interp(pts, 2.0) == pytest.approx(7.0)
+    assert qc.interp(pts, 3.0) == pytest.approx(4.0)
+    assert math.isnan(qc.interp(pts, 0.5)) and math.isnan(qc.interp(pts, 3.5))
+
+
+def test_ddim_coefficients():
+    c = qc.ddim_coefficients(10)
+    assert c.shape == (10,) and (c > 0).all()
+    assert c[0] > c[-2]  # early (noisy) steps move x more per unit of eps error
+
+
+def test_summary_gap_closed():
+    es = [qc.Entry("DDIM-5", "DDIM", 5), qc.Entry("DDIM-10", "DDIM", 10), qc.Entry("lazy", "x", 10, 0.5, "fixed")]
+    results = {}
+    for seed, (f5, f10, f) in enumerate([(30.0, 10.0, 15.0), (32.0, 12.0, 17.0)]):
+        results[("DDIM-5", seed)] = dict(seed=seed, fd=f5, macs=5.0, lazy=0.0)
+        results[("DDIM-10", seed)] = dict(seed=seed, fd=f10, macs=10.0, lazy=0.0)
+        results[("lazy", seed)] = dict(seed=seed, fd=f, macs=5.0, lazy=0.5, psnr=30.0, psnr_ref="DDIM-10")
+    rows = {r["entry"].name: r for r in qc.summarize(es, results, [0, 1])}
+    lazy = rows["lazy"]
+    assert lazy["ddim_eq"][0] == pytest.approx(31.0)  # DDIM at the same MACs: 5 steps
+    assert lazy["gap"][0] == pytest.approx(0.75) and lazy["gap"][1] == pytest.approx(0.0)  # (30-15)/(30-10)
+    assert "0.75 ± 0.00" in qc.table(list(rows.values()))
+
+
+@pytest.mark.slow
+def test_quick_mode_smoke(tmp_path):
+    rows = qc.main(["--samples", "8", "--seeds", "0", "1", "--quick", "--spacing-samples", "8",
+                    "--oracle-samples", "8", "--oracle-iters", "3", "--out", str(tmp_path)])
+    names = {r["entry"].name for r in rows}
+    want = {"DDIM-5", "DDIM-7", "DDIM-10", "DDIM-20", "DPM++(2M)-7", "UniPC-10", "spread-copy 50%/20",
+            "alternating-forecast 30%/10", "best-fixed 50%/20", "best-fixed 30%/10", "learned 50%/20",
+            "learned 30%/10", "oracle 50%/20", "oracle 30%/10"}
+    assert want <= names, want - names
+    for r in rows:
+        assert r["n"] == 2 and np.isfinite(r["fd"][0]) and r["macs"] > 0, r["entry"]
+        if r["entry"].part != "baselines":
+            assert 0 < r["lazy"] < 1 and np.isfinite(r["psnr"][0]) and "gap" in r and np.isfinite(r["gap"][0])
+    assert (tmp_path / "curve.png").stat().st_size > 10_000 and (tmp_path / "table.md").exists()
+
+
+def test_oracle_extremes_match_the_fixed_runs():
+    """tau = inf reuses every step after the first, tau = 0 never: both equal the fixed tables."""
+    import torch
+
+    from digits_eval import load_dit
+    from digits_fixed import FixedRunner
+
+    torch.set_num_threads(1)
+    model = load_dit()
+    oracle, runner = qc.Oracle(model), FixedRunner(model, "forecast")
+    noise, labels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([4, 5, 6])
+    every = np.ones((5, len(runner.sites)), dtype=bool)
+    every[0] = False
+    for tau, table in ((math.inf, every), (0.0, np.zeros_like(every))):
+        images, decisions = oracle.sample(noise, labels, 5, tau)
+        want, _ = runner.sample(table, noise, labels)
+        assert decisions.shape == (5, 3) and (decisions == table[:, :1]).all()
+        torch.testing.assert_close(images, want, atol=1e-5, rtol=1e-5)

@@ -34,7 +34,8 @@ full-compute samples, PSNR against the full-compute samples (same noise), execut
 and eager latency per image at batch 1 and batch 8 (median of interleaved repeats).
 
 **MACs** are counted from the operations that really ran: the whole sampling run executes under a
-``FlopCounterMode`` (matmuls, linears, convolutions and attention, including CPU SDPA), so a hook
+dispatch mode with torch's FLOP formulas (matmuls, linears, convolutions and attention, including
+CPU SDPA; not ``FlopCounterMode``, whose global module hooks make a lazy model run plain), so a hook
 that skipped a block did not add its MACs. The images are sampled ``--eval-batch`` rows at a time
 (default all at once). Hooks decide for the whole batch, so what ran per image is the count
 divided by the rows. lazypass decides per sample and its images do not depend on the batch (the
@@ -320,12 +321,30 @@ def _sdpa_flops(q, k, v, *args, out_shape=None, **kwargs) -> int:
     return 2 * rows * s * k[-2] * d + 2 * rows * s * k[-2] * v[-1]
 
 
-def flop_counter():
-    """A ``FlopCounterMode`` that also counts CPU SDPA (torch 2.13 registers only the GPU kernels)."""
-    from torch.utils.flop_counter import FlopCounterMode
+class flop_counter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the FLOPs of the matmuls, linears, convolutions and attention that run, with torch's
+    own formulas (``torch.utils.flop_counter``), plus CPU SDPA (torch 2.13 registers only the GPU
+    kernels). Not ``FlopCounterMode`` itself: its module tracker registers global module hooks,
+    and a lazy model with hooks on its modules runs its original forward instead of the lazy one.
+    """
 
-    custom = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
-    return FlopCounterMode(display=False, custom_mapping=custom)
+    def __init__(self):
+        super().__init__()
+        from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+        self.registry = {**flop_registry, torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: shape_wrapper(_sdpa_flops)}
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+    def get_total_flops(self) -> int:
+        return self.flops
 
 
 # -- methods -----------------------------------------------------------------------------------------------

@@ -23,7 +23,9 @@ feature space, and the classifier's accuracy on the requested labels. "gap close
 at about the same compute loses and the method wins back (docs/digits.md).
 
 Writes ``grid.png`` (a row per method, CFG 1), ``heatmap.png`` (which site skipped at which
-step, the share of samples) and ``table.md`` under ``--out``.
+step, the share of samples) and ``table.md`` under ``--out``. Then the flow-matching model's
+section (``examples/digits_flow_job.py``: lazy against fewer Euler steps, ``flow_table.md``;
+``--no-flow`` leaves it out).
 """
 
 from __future__ import annotations
@@ -301,6 +303,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
     p.add_argument("--gates-dir", type=Path, default=None, help="folder of gate files (default examples/assets)")
     p.add_argument("--out", type=Path, default=Path("docs/digits"))
+    p.add_argument("--flow", action=argparse.BooleanOptionalAction, default=True,
+                   help="the flow-matching model's section (examples/digits_flow_job.py)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -345,6 +349,10 @@ def main(argv=None) -> dict:
         f"(static {head['static-30%-10']['gap']:.0%}); FD full-20={head['full-20']['fd']:.2f} "
         f"lazy-50%-20={head['lazy-50%-20']['fd']:.2f} DDIM-10={head['DDIM-10']['fd']:.2f}"
     )
+    if args.flow:
+        from digits_flow_job import run as flow_section
+
+        flow_section(noise, labels, classifier, real_stats, args.out, args.latency_images, args.latency_repeats)
     return all_results
 
 

@@ -131,6 +131,84 @@ def load_dit(path: Path = DIT_PATH) -> DiT:
     return model.eval()
 
 
+def to_diffusers_dit(model: DiT):
+    """The same network as a diffusers ``DiTTransformer2DModel`` (eval mode), by a weight mapping.
+
+    ``lazypass.models.DiT`` is the official DiT architecture, and diffusers' class is that too, so
+    every tensor has a home (the mapping of diffusers' ``scripts/convert_dit_to_diffusers.py``):
+    ``x_embedder.proj`` -> ``pos_embed.proj``; the timestep MLP and label table -> each block's
+    ``norm1.emb`` (diffusers keeps a copy per block); ``blocks.i.adaLN_modulation.1`` ->
+    ``norm1.linear`` (same chunk order: shift, scale, gate for attention, then for the MLP);
+    the fused ``attn.qkv`` is split into ``to_q``/``to_k``/``to_v``; ``attn.proj`` ->
+    ``attn1.to_out.0``; ``mlp.fc1``/``fc2`` -> ``ff.net.0.proj``/``ff.net.2``; the final layer's
+    modulation and linear -> ``proj_out_1``/``proj_out_2``. LayerNorm eps is 1e-6 as in DiT.
+
+    One difference is not a weight: diffusers' ``CombinedTimestepLabelEmbeddings`` builds its
+    sinusoidal timestep features with ``downscale_freq_shift=1`` (frequencies ``10000^(-i/127)``),
+    the official DiT with ``10000^(-i/128)``. At t=999 that moves the angles by up to 0.4 rad, so
+    the converted model is set to the official frequencies (``time_proj.downscale_freq_shift = 0``
+    in every block); the config cannot express it, so a model rebuilt ``from_config`` has to set it
+    again. ``tests/test_peers.py`` checks the parity (max abs difference of the outputs).
+
+    Example:
+        >>> d = to_diffusers_dit(DiT(**DIT_CONFIG, init="random").eval())
+        >>> type(d).__name__, d.config.num_layers
+        ('DiTTransformer2DModel', 4)
+    """
+    from diffusers import DiTTransformer2DModel
+
+    c = model.config
+    heads, dim = c["num_heads"], c["hidden_size"]
+    if c["mlp_ratio"] != 4.0:
+        raise ValueError(f"DiTTransformer2DModel has an MLP ratio of 4, this DiT {c['mlp_ratio']}")
+    out = DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=dim // heads, in_channels=c["in_channels"],
+        out_channels=model.out_channels, num_layers=c["depth"], sample_size=c["input_size"],
+        patch_size=c["patch_size"], num_embeds_ada_norm=c["num_classes"], norm_eps=1e-6,
+    )  # fmt: skip
+    src = model.state_dict()
+    sd = {"pos_embed.proj.weight": src["x_embedder.proj.weight"], "pos_embed.proj.bias": src["x_embedder.proj.bias"]}
+    for i in range(c["depth"]):
+        b, o = f"blocks.{i}.", f"transformer_blocks.{i}."
+        emb = o + "norm1.emb."
+        for k, j in (("linear_1", 0), ("linear_2", 2)):
+            for w in ("weight", "bias"):
+                sd[f"{emb}timestep_embedder.{k}.{w}"] = src[f"t_embedder.mlp.{j}.{w}"]
+        sd[emb + "class_embedder.embedding_table.weight"] = src["y_embedder.embedding_table.weight"]
+        for w in ("weight", "bias"):
+            sd[f"{o}norm1.linear.{w}"] = src[f"{b}adaLN_modulation.1.{w}"]
+            for name, part in zip(("to_q", "to_k", "to_v"), src[f"{b}attn.qkv.{w}"].chunk(3)):
+                sd[f"{o}attn1.{name}.{w}"] = part
+            sd[f"{o}attn1.to_out.0.{w}"] = src[f"{b}attn.proj.{w}"]
+            sd[f"{o}ff.net.0.proj.{w}"] = src[f"{b}mlp.fc1.{w}"]
+            sd[f"{o}ff.net.2.{w}"] = src[f"{b}mlp.fc2.{w}"]
+    for w in ("weight", "bias"):
+        sd[f"proj_out_1.{w}"] = src[f"final_layer.adaLN_modulation.1.{w}"]
+        sd[f"proj_out_2.{w}"] = src[f"final_layer.linear.{w}"]
+    out.load_state_dict({k: v.clone() for k, v in sd.items()}, strict=True)
+    for block in out.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 0  # the official DiT's frequencies
+    return out.eval().requires_grad_(False)
+
+
+def load_diffusers_dit(path: Path = DIT_PATH):
+    """The trained digits DiT as a diffusers ``DiTTransformer2DModel`` (:func:`to_diffusers_dit`)."""
+    return to_diffusers_dit(load_dit(path))
+
+
+def diffusers_ddim(**overrides):
+    """diffusers' ``DDIMScheduler`` configured as lazypass's own DDIM (``lazypass.sampling``): DiT's
+    linear schedule (1e-4 to 0.02, 1,000 steps), "leading" spacing with offset 0, the last step to
+    x0 (``set_alpha_to_one``), eta 0, epsilon prediction, no clipping."""
+    from diffusers import DDIMScheduler
+
+    config = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                  clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
+                  prediction_type="epsilon")  # fmt: skip
+    config.update(overrides)
+    return DDIMScheduler(**config)
+
+
 def load_classifier(path: Path = CLASSIFIER_PATH) -> DigitClassifier:
     if not path.exists():
         raise _missing(path, "train_digits.py --classifier")

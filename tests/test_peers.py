@@ -1,0 +1,116 @@
+"""Issue 13: the DiT digits model converted to diffusers (output parity), and ``benchmarks/peers.py
+--quick`` on a subset (every method gives finite images; the tables are complete)."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from tests.test_flow_digits import one_thread  # noqa: E402, F401 (autouse: tests run on one thread)
+from digits_eval import DIT_CONFIG, diffusers_ddim, load_dit, to_diffusers_dit  # noqa: E402
+from lazypass.models import DiT  # noqa: E402
+from lazypass.sampling import ddim_sample  # noqa: E402
+
+
+def _inputs(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    y = torch.randint(0, 11, (n,), generator=g)  # includes the null class
+    return x, t, y
+
+
+@pytest.mark.parametrize("which", ["trained", "random"])
+def test_diffusers_dit_matches_the_reference_dit(which):
+    """Same outputs for the trained digits DiT and a random one (non-zero adaLN everywhere):
+    measured max abs difference 0 (the same float32 ops in the same order)."""
+    model = load_dit() if which == "trained" else DiT(**DIT_CONFIG, init="random").eval()
+    converted = to_diffusers_dit(model)
+    assert type(converted).__name__ == "DiTTransformer2DModel"
+    x, t, y = _inputs()
+    with torch.no_grad():
+        ref = model(x, t, y)
+        out = converted(x, timestep=t, class_labels=y, return_dict=False)[0]
+    assert (out - ref).abs().max() <= 1e-5, float((out - ref).abs().max())
+    # diffusers' own timestep frequencies would not match: the conversion has to set them
+    for block in converted.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = 1
+    with torch.no_grad():
+        other = converted(x, timestep=t, class_labels=y, return_dict=False)[0]
+    assert (other - ref).abs().max() > 1e-3
+
+
+def test_diffusers_ddim_is_lazypass_ddim():
+    """The converted model under diffusers' DDIMScheduler samples what lazypass's DDIM samples
+    from the reference model (float32 steps against float64: <= 1e-4)."""
+    model = load_dit()
+    converted = to_diffusers_dit(model)
+    x, _, _ = _inputs(8)
+    labels = torch.arange(8)
+    sched = diffusers_ddim()
+    sched.set_timesteps(10)
+    out = x
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = converted(out, timestep=t.expand(8), class_labels=labels, return_dict=False)[0]
+            out = sched.step(eps, t, out).prev_sample
+        ref = ddim_sample(model, x, 10, cond=labels, learned_sigma=False)
+    assert (out - ref).abs().max() <= 1e-4
+
+
+def test_quick_benchmark_runs_every_method(tmp_path):
+    """The quick mode on the flow model (both models with ``-m slow``): every method and setting
+    gives finite images, every row has its numbers, the tables and plots are written."""
+    _quick(tmp_path, ["flow"])
+
+
+@pytest.mark.slow
+def test_quick_benchmark_both_models(tmp_path):
+    _quick(tmp_path, ["dit", "flow"])
+
+
+def _quick(tmp_path, models):
+    import peers
+
+    out = peers.main(["--quick", "--models", *models, "--samples", "32", "--threads", "1", "--out", str(tmp_path),
+                      "--scratch", str(tmp_path / "scratch"), "--latency-repeats", "1", "--latency-images", "1"])
+    expected = {"fewer steps", "lazypass", "fixed copy", "fixed forecast", "FirstBlockCache", "TaylorSeer",
+                "MagCache", "PAB", "FasterCache", "SeaCache"}  # fmt: skip
+    for name in models:
+        res = out["results"][name]
+        rows = res["rows"]
+        assert {r["method"] for r in rows} == expected
+        for r in rows:
+            assert r["finite"], r
+            for key in ("fd", "fd_full", "macs", "batch_macs", "fraction", "latency_b1", "latency_b8"):
+                assert r[key] is not None and math.isfinite(r[key]), (r["method"], key, r[key])
+            assert 0.0 < r["fraction"] <= 1.0 + 1e-6, r
+        assert {c["method"] for c in res["correctness"]} == expected
+        assert all(math.isfinite(c["batch_vs_one"]) for c in res["correctness"])
+        lazy = next(c for c in res["correctness"] if c["method"] == "lazypass")
+        assert lazy["batch_vs_one"] <= 1e-4  # lazypass: a sample's result never depends on its batch
+        for budget, table in res["tables"].items():
+            assert set(table["values"]) == expected  # every method is in every table (value or None)
+    text = (tmp_path / "peers.md").read_text()
+    for name in models:
+        assert out["results"][name]["title"] in text
+    for method in expected:
+        assert method in text
+    assert "About 50% of full compute" in text and "About 70% of full compute" in text
+    assert (tmp_path / "peers" / "fd_vs_macs.png").stat().st_size > 0
+    assert (tmp_path / "peers" / "fd_vs_latency.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "peers" / "results.json").read_text())
+    assert saved["meta"]["headline"].startswith("headline: lazypass FD rank")
+    # the page is written again from the saved results, nothing run, word for word
+    again = peers.main(["--from-json", str(tmp_path / "peers" / "results.json"), "--out", str(tmp_path / "again")])
+    assert again["meta"]["headline"] == saved["meta"]["headline"]
+    assert (tmp_path / "again" / "peers.md").read_text() == text

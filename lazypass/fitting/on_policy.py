@@ -394,7 +394,7 @@ class OnPolicy:
             opt.zero_grad()
             total.backward()
             opt.step()
-            log.append(float(total))
+            log.append(float(total.detach()))
         with torch.no_grad():
             lg = torch.cat([logits(u) for u in range(U)])
             theta = 0.0

@@ -26,6 +26,7 @@ def one_thread():
 
 
 def _fit(model, **kw):
+    kw.setdefault("objective", "one_step")  # this file tests the paper's objective; on-policy: tests/fitting/
     kw.setdefault("sample_fn", class_batches(8))
     kw.setdefault("steps", 60)
     kw.setdefault("lr", 1e-3)
@@ -377,7 +378,8 @@ def test_two_processes_match_one(tmp_path):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
 
     model = lazypass.apply(lively_dit())
-    lazypass.fit(model, class_batches(batch), steps=steps, lr=1e-3, rho=1e-6, num_inference_steps=5, progress=False)
+    lazypass.fit(model, class_batches(batch), objective="one_step", steps=steps, lr=1e-3, rho=1e-6,
+                 num_inference_steps=5, progress=False)  # fmt: skip
     single = {k: v.detach() for k, v in model.lazy_gates.state_dict().items()}
     assert max(v.abs().max() for v in single.values()) > 1e-3  # the gates moved
     for k in single:  # two ranks with half the batch each = one process with the whole batch

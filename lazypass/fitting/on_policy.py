@@ -10,7 +10,7 @@ so its decisions are those of ``lazypass.apply``'s model at the same threshold.
 
 Each round samples one batch of noise (``sample_fn``) along the *behaviour* policy (round 0:
 every unit skips on evenly spread steps at the target ratio; later rounds: the gates fitted so
-far), and, for every step ``i >= 1`` and decision unit ``u`` (``LazyConfig.granularity``: one
+far, their threshold set by bisection so they skip the target ratio on that batch), and, for every step ``i >= 1`` and decision unit ``u`` (``LazyConfig.granularity``: one
 per call with ``"step"``), measures the counterfactual effect of the decision on the final
 sample: unit ``u`` forced to skip at step ``i``, or forced to compute, both continued by the
 behaviour policy to the end; ``A = err(skip) - err(compute)``, ``err`` the mean squared error
@@ -294,8 +294,44 @@ class OnPolicy:
         return x
 
     @torch.no_grad()
+    def behaviour_ratio(self, batch: dict) -> float:
+        """Lazy ratio (in MACs) of the behaviour policy sampling ``batch``."""
+        traj = self.schedule.trajectory()
+        x = batch["noise"] * traj.init_noise_sigma
+        xi, ti, ci = self._inputs(traj, x, 0, batch)
+        pred, state = self.run.start(xi, ti, ci)
+        x = traj.step(guide(pred, self.guided, self.scale), 0, x)
+        skipped = 0.0
+        for i in range(1, self.L):
+            x, skip, _ = self._step(state, traj, x, i, batch, self._behaviour(i, x.device))
+            skipped += float((skip.double().mean(1).cpu() * self.run.site_macs).sum())
+        return skipped / self.L
+
+    def aim(self, batch: dict, tries: int = 8) -> None:
+        """Set the behaviour's logit threshold so it skips ``target_ratio`` on ``batch`` (bisection):
+        the rollouts then visit the states the calibrated gates will visit at inference."""
+        if self.target is None or self.logit_threshold is None:
+            return
+        lo, hi = -30.0, 30.0  # logit thresholds giving too many / too few skips
+        best = None
+        for _ in range(tries):
+            mid = self.logit_threshold
+            r = self.behaviour_ratio(batch)
+            if best is None or abs(r - self.target) < abs(best[1] - self.target):
+                best = (mid, r)
+            if abs(r - self.target) <= 0.01:
+                break
+            if r > self.target:
+                lo = mid
+            else:
+                hi = mid
+            self.logit_threshold = 0.5 * (lo + hi)
+        self.logit_threshold = best[0]
+
+    @torch.no_grad()
     def collect(self, batch: dict) -> tuple[float, float]:
         """One round's rollouts on ``batch``; returns (final-sample error, lazy ratio in MACs) of the behaviour."""
+        self.aim(batch)
         ref = self.full_sample(batch)
         traj = self.schedule.trajectory()
         x = batch["noise"] * traj.init_noise_sigma

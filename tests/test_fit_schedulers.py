@@ -93,11 +93,12 @@ def test_target_ratio_is_reached(case):
     model = lazypass.apply(build())
     target = 0.45
     # the default objective, on-policy: rollouts step private copies of any diffusers scheduler
+    # on-policy gates of these tiny models vary a lot from sample to sample: calibrate on 16 batches
     r = lazypass.fit(model, batches(False), scheduler=scheduler(), target_ratio=target, steps=100, rounds=2,
-                     num_inference_steps=T, calibration_batches=4, progress=False)  # fmt: skip
+                     num_inference_steps=T, calibration_batches=16, progress=False)  # fmt: skip
     assert abs(r.lazy_ratio - target) <= 0.02, r  # on the calibration batches
     # batches the calibration never saw, sampled by a plain loop over the scheduler (4-5 sites: ratios vary per batch)
-    fresh = [_lazy_ratio(model, scheduler(), batches(False)(500 + i)) for i in range(4)]
+    fresh = [_lazy_ratio(model, scheduler(), batches(False)(500 + i)) for i in range(8)]
     assert abs(np.mean(fresh) - target) <= 0.1, fresh
 
 

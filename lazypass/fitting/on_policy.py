@@ -134,9 +134,10 @@ class LazyRun:
 
     @torch.no_grad()
     def call(self, state: RunState, x: Tensor, t: Tensor, cond, thresholds: Tensor, compute: Tensor):
-        may = state.valid & ~compute[:, None]
+        natural = state.valid.clone()  # where inference may skip: the gates' features and training rows
         if self.cfg.max_age is not None:
-            may = may & (state.age < self.cfg.max_age)
+            natural = natural & (state.age < self.cfg.max_age)
+        may = natural & ~compute[:, None]  # where this call may skip (forced computes removed)
         out_dtypes = self._out_dtypes
         reuse = [c.to(d) for c, d in zip((c for cs in state.caches for c in cs), out_dtypes)]
         prev = [p for ps in state.prevs for p in ps]
@@ -147,7 +148,7 @@ class LazyRun:
         out = self.soft.soft(x, t, cond, reuse, may=may, age=state.age, pools=state.pools, hard=True,
                              threshold=thresholds, forecast=forecast)
         skip = (out.scores > thresholds.to(out.scores.device)[:, None]) & may
-        feats = self._features(out, state, may)
+        feats = self._features(out, state, natural)
         self._update(state, self._per_site(out.branch_outputs), out, skip)
         return out.prediction, skip, feats
 

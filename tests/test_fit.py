@@ -101,7 +101,7 @@ def test_soft_program_branch_outputs_and_full_mix(name):
     arch = ARCHS[name]
     model = arch.build()
     ref = arch.build()
-    lazypass.apply(model)
+    lazypass.apply(model, granularity="site", reuse="copy")  # a gate per site, the paper's copies
     args, kwargs = arch.inputs(2, 500, 0)
     prog, leaves = runtime(model).program_for(args, kwargs, mode="soft")
     targets = [n.target for n in prog.core.graph.nodes if n.op == "call_function"]
@@ -136,7 +136,7 @@ def test_soft_program_branch_outputs_and_full_mix(name):
 
 
 def test_soft_blend_is_the_papers_blend():
-    model = lazypass.apply(lively_dit())
+    model = lazypass.apply(lively_dit(), granularity="site", reuse="copy")
     x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
     prog, leaves = runtime(model).program_for((x, t, y), {}, mode="soft")
     k = len(_reuse_specs(prog))

@@ -3,11 +3,15 @@
     PYTHONPATH=$PWD python examples/fit_digits_gates.py
 
 Two gate sets, as in LazyDiT's table 1: 50% lazy for 20 DDIM steps and 30% lazy for 10 steps.
-``lazypass.fit`` trains only the gates by self-distillation on the model's own DDIM
-trajectories (no data: noise and random labels), adapts rho toward the target lazy ratio and
-calibrates the threshold with lazy sampling runs; the gates and that threshold are saved with
+``lazypass.fit`` trains only the gates with its default on-policy objective, data-free (noise
+and random labels): it unrolls the lazy model itself (lazypass's defaults: one decision per
+step, forecast reuse, gates reading the cache age and input drift), prices every decision by
+its effect on the final sample against the full model from the same noise, fits the gates to
+the target lazy ratio and calibrates the threshold on held-out noise (counted in MACs); the
+gates, that threshold and the options they were fitted under are saved with
 ``lazypass.save_gates``. The noise here is drawn from seeds 10,000 and up, so it never
-overlaps the evaluation noise of the main job (seed 0).
+overlaps the evaluation noise of the main job (seed 0). ``--objective one_step`` (with
+``--reuse copy --granularity site``) fits the paper's way, for comparison.
 """
 
 from __future__ import annotations
@@ -37,18 +41,21 @@ def batches(batch: int, seed: int):
 
 
 def fit_one(ratio: float, steps: int, args) -> dict:
-    model = lazypass.apply(load_dit(args.dit), rho=args.rho, max_age=args.max_age)
+    granularity = int(args.granularity) if args.granularity.isdigit() else args.granularity
+    model = lazypass.apply(load_dit(args.dit), rho=args.rho, max_age=args.max_age, reuse=args.reuse,
+                           granularity=granularity)  # fmt: skip
     start = time.perf_counter()
     result = lazypass.fit(
-        model, batches(args.batch, args.seed), steps=args.fit_steps, lr=args.lr, target_ratio=ratio,
-        num_inference_steps=steps, guidance_scale=args.guidance,
+        model, batches(args.batch, args.seed), objective=args.objective, steps=args.fit_steps, lr=args.lr,
+        rounds=args.rounds, target_ratio=ratio, num_inference_steps=steps, guidance_scale=args.guidance,
+        calibration_batches=args.calibration_batches,
     )  # fmt: skip
     path = args.out_dir / gates_path(ratio, steps).name if args.out_dir else gates_path(ratio, steps)
     lazypass.save_gates(model, path)
     info = dict(
         target=ratio, steps=steps, lazy_ratio=result.lazy_ratio,
         before_calibration=result.lazy_ratio_before_calibration, threshold=result.threshold,
-        rho_attn=result.rho_attn, rho_ffn=result.rho_ffn, final_fidelity=result.fidelity[-1],
+        objective=args.objective, final_fidelity=result.fidelity[-1],
         seconds=round(time.perf_counter() - start, 1), path=str(path),
     )  # fmt: skip
     print(info)
@@ -57,9 +64,14 @@ def fit_one(ratio: float, steps: int, args) -> dict:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fit-steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--rho", type=float, default=1e-2, help="initial rho (adapted toward the target)")
+    p.add_argument("--objective", default="on_policy", choices=["on_policy", "one_step"])
+    p.add_argument("--fit-steps", type=int, default=400, help="optimiser steps (per round with on_policy)")
+    p.add_argument("--lr", type=float, default=None, help="default: the objective's (0.05 on_policy, 1e-4 one_step)")
+    p.add_argument("--rounds", type=int, default=3, help="on_policy rounds of rollouts (one batch each)")
+    p.add_argument("--rho", type=float, default=1e-2, help="initial rho of one_step (adapted toward the target)")
+    p.add_argument("--reuse", default="forecast", choices=["forecast", "copy"])
+    p.add_argument("--granularity", default="step", help='"step", "site" or sites per group')
+    p.add_argument("--calibration-batches", type=int, default=4, help="held-out batches the threshold is set on")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=10_000)

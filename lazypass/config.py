@@ -34,11 +34,12 @@ class LazyConfig:
             per-row counter of calls at its cache slot since it last computed); ``1`` never
             reuses a cache twice in a row; ``None``: no cap (the paper's rule).
         reuse: what a skipped branch returns: ``"copy"``, its cached output (the paper), or
-            ``"forecast"``, a first-order extrapolation from the row's last two computed
+            ``"forecast"`` (default, measured better on the digits DiT: docs/digits.md), a first-order extrapolation from the row's last two computed
             outputs and their timesteps (TaylorSeer-style; a copy until the row has computed
             twice, and for models without a timestep input).
         granularity: which branches share one decision: ``"site"`` (every branch has its
-            own gate), ``"step"`` (the first site's gate decides for every site of the call),
+            own gate), ``"step"`` (default, measured better on the digits DiT: the first
+            site's gate decides for every site of the call),
             or an int ``k`` (groups of ``k`` consecutive sites, decided by the first of each
             group). A site whose cache is not valid computes whatever its group decides.
         gate_inputs: what a gate reads besides ``Z``: ``"age"`` (the row's cache age) and
@@ -82,8 +83,8 @@ class LazyConfig:
     cache_dtype: str | None = None
     min_site_macs: int = 0
     max_age: int | None = None
-    reuse: str = "copy"
-    granularity: str | int = "site"
+    reuse: str = "forecast"
+    granularity: str | int = "step"
     gate_inputs: tuple[str, ...] = ("age", "drift")
     sync_decisions: bool | str | None = None
     sync_group: str | None = None

@@ -17,7 +17,7 @@ def main(out_dir: str, steps: int, batch: int) -> None:
     local = batch // world
     sample = class_batches(batch, rows=slice(rank * local, (rank + 1) * local))
     # fit initialises the process group itself (gloo on CPU) when started by torchrun
-    lazypass.fit(model, sample, steps=steps, lr=1e-3, rho=1e-6, num_inference_steps=5, progress=False)
+    lazypass.fit(model, sample, objective="one_step", steps=steps, lr=1e-3, rho=1e-6, num_inference_steps=5, progress=False)
     assert dist.is_initialized() and dist.get_world_size() == world
     lazypass.save_gates(model, f"{out_dir}/rank{rank}.safetensors")
     dist.destroy_process_group()

@@ -26,6 +26,7 @@ def one_thread():
 
 
 def _fit(model, **kw):
+    kw.setdefault("objective", "one_step")  # this file tests the paper's objective; on-policy: tests/fitting/
     kw.setdefault("sample_fn", class_batches(8))
     kw.setdefault("steps", 60)
     kw.setdefault("lr", 1e-3)
@@ -100,7 +101,7 @@ def test_soft_program_branch_outputs_and_full_mix(name):
     arch = ARCHS[name]
     model = arch.build()
     ref = arch.build()
-    lazypass.apply(model)
+    lazypass.apply(model, granularity="site", reuse="copy")  # a gate per site, the paper's copies
     args, kwargs = arch.inputs(2, 500, 0)
     prog, leaves = runtime(model).program_for(args, kwargs, mode="soft")
     targets = [n.target for n in prog.core.graph.nodes if n.op == "call_function"]
@@ -135,7 +136,7 @@ def test_soft_program_branch_outputs_and_full_mix(name):
 
 
 def test_soft_blend_is_the_papers_blend():
-    model = lazypass.apply(lively_dit())
+    model = lazypass.apply(lively_dit(), granularity="site", reuse="copy")
     x, t, y = torch.randn(2, 4, 8, 8), torch.full((2,), 500), torch.tensor([1, 2])
     prog, leaves = runtime(model).program_for((x, t, y), {}, mode="soft")
     k = len(_reuse_specs(prog))
@@ -172,7 +173,7 @@ def test_fit_lowers_the_loss():
 def test_laziness_grows_with_rho():
     ratios = []
     for rho in (1e-7, 1e-6, 1e-5):
-        model = lazypass.apply(lively_dit())
+        model = lazypass.apply(lively_dit(), granularity="site")  # per-site gates: the ratio moves in small steps
         ratios.append(_fit(model, rho=rho, measure=True).lazy_ratio)
     assert ratios[0] < ratios[1] < ratios[2], ratios
     assert ratios[2] - ratios[0] > 0.3, ratios
@@ -377,7 +378,8 @@ def test_two_processes_match_one(tmp_path):
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
 
     model = lazypass.apply(lively_dit())
-    lazypass.fit(model, class_batches(batch), steps=steps, lr=1e-3, rho=1e-6, num_inference_steps=5, progress=False)
+    lazypass.fit(model, class_batches(batch), objective="one_step", steps=steps, lr=1e-3, rho=1e-6,
+                 num_inference_steps=5, progress=False)  # fmt: skip
     single = {k: v.detach() for k, v in model.lazy_gates.state_dict().items()}
     assert max(v.abs().max() for v in single.values()) > 1e-3  # the gates moved
     for k in single:  # two ranks with half the batch each = one process with the whole batch

@@ -19,7 +19,8 @@ def test_options_build_a_checked_config():
     with pytest.raises(TypeError, match=r"unknown fit option.*\['stpes'\].*known options.*'steps'"):
         lazypass.FitConfig.from_options(stpes=3)
     for bad in (dict(steps=0), dict(lr=-1.0), dict(rho=float("nan")), dict(num_inference_steps=1),
-                dict(target_ratio=1.0), dict(calibration_batches=0), dict(loss="l1"), dict(steps=True)):
+                dict(target_ratio=1.0), dict(calibration_batches=0), dict(loss="l1"), dict(steps=True),
+                dict(objective="rollout"), dict(rounds=0), dict(loss="diffusion")):
         with pytest.raises(ValueError):
             lazypass.FitConfig(**bad)
 
@@ -30,7 +31,7 @@ def test_fit_takes_a_config_and_options_and_refuses_unknown_ones():
         lazypass.fit(model, class_batches(2), steps=1, learning_rate=1e-3)
     with pytest.raises(TypeError, match="config must be a FitConfig"):
         lazypass.fit(model, class_batches(2), 5)  # the old positional steps
-    cfg = lazypass.FitConfig(steps=2, lr=1e-3, num_inference_steps=4, progress=False)
+    cfg = lazypass.FitConfig(objective="one_step", steps=2, lr=1e-3, num_inference_steps=4, progress=False)
     r = lazypass.fit(model, class_batches(2), cfg, steps=3)  # options replace config fields
     assert len(r.loss) == 3
 

@@ -70,8 +70,8 @@ def test_diffusers_ddim_gives_the_builtin_ddim_fit():
     runs = []
     for scheduler in (None, DDIMScheduler(clip_sample=False)):
         model = lazypass.apply(lively_dit())
-        r = lazypass.fit(model, class_batches(4), scheduler=scheduler, steps=6, lr=1e-3, rho=1e-6,
-                         num_inference_steps=5, progress=False)
+        r = lazypass.fit(model, class_batches(4), scheduler=scheduler, objective="one_step", steps=6, lr=1e-3,
+                         rho=1e-6, num_inference_steps=5, progress=False)  # fmt: skip
         runs.append(r.loss)
     np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4)
 
@@ -80,8 +80,8 @@ def test_diffusers_ddim_gives_the_builtin_ddim_fit():
 def test_fit_lowers_the_loss(case):
     build, batches, scheduler = CASES[case]
     model = lazypass.apply(build())
-    r = lazypass.fit(model, batches(True), scheduler=scheduler(), rho=1e-7, steps=6 * T, lr=1e-3,
-                     num_inference_steps=T, progress=False)
+    r = lazypass.fit(model, batches(True), scheduler=scheduler(), objective="one_step", rho=1e-7, steps=6 * T,
+                     lr=1e-3, num_inference_steps=T, progress=False)  # fmt: skip
     first, last = np.mean(r.loss[:T]), np.mean(r.loss[-T:])
     assert last < 0.8 * first, (first, last)
     assert np.mean(r.fidelity[-T:]) < 0.8 * np.mean(r.fidelity[:T])
@@ -92,11 +92,13 @@ def test_target_ratio_is_reached(case):
     build, batches, scheduler = CASES[case]
     model = lazypass.apply(build())
     target = 0.45
-    r = lazypass.fit(model, batches(False), scheduler=scheduler(), target_ratio=target, steps=100, lr=1e-3,
-                     num_inference_steps=T, calibration_batches=4, progress=False)
+    # the default objective, on-policy: rollouts step private copies of any diffusers scheduler
+    # on-policy gates of these tiny models vary a lot from sample to sample: calibrate on 16 batches
+    r = lazypass.fit(model, batches(False), scheduler=scheduler(), target_ratio=target, steps=100, rounds=2,
+                     num_inference_steps=T, calibration_batches=16, progress=False)  # fmt: skip
     assert abs(r.lazy_ratio - target) <= 0.02, r  # on the calibration batches
     # batches the calibration never saw, sampled by a plain loop over the scheduler (4-5 sites: ratios vary per batch)
-    fresh = [_lazy_ratio(model, scheduler(), batches(False)(500 + i)) for i in range(4)]
+    fresh = [_lazy_ratio(model, scheduler(), batches(False)(500 + i)) for i in range(8)]
     assert abs(np.mean(fresh) - target) <= 0.1, fresh
 
 
@@ -141,8 +143,8 @@ def test_flow_matching_diffusion_loss_noises_and_targets_velocity():
         b = data(i)
         return {"x0": b["noise"], "cond": b["cond"]}
 
-    r = lazypass.fit(model, with_x0, scheduler=FlowMatchEulerDiscreteScheduler(), loss="diffusion", steps=3,
-                     lr=1e-3, num_inference_steps=T, progress=False)
+    r = lazypass.fit(model, with_x0, scheduler=FlowMatchEulerDiscreteScheduler(), loss="diffusion",
+                     objective="one_step", steps=3, lr=1e-3, num_inference_steps=T, progress=False)
     assert len(r.loss) == 3 and all(np.isfinite(r.loss))
 
 

@@ -8,7 +8,9 @@ Modules, one job each:
   branch outputs) and how fit calls the model (``default_call``);
 - ``frozen``: the context that freezes all but the gates and restores the model after;
 - ``sampler``: the sampling steps the trajectories take;
-- ``objectives``: what a training step compares (self-distillation, diffusion loss);
+- ``on_policy``: the default objective: rollouts of the lazy model itself (inference semantics),
+  counterfactual final-sample costs, cost-sensitive gate fit;
+- ``objectives``: what a one-step training step compares (self-distillation, diffusion loss);
 - ``train``: the optimiser loop; ``control``: the lazy penalties and their control;
 - ``calibrate``: lazy sampling runs, the measured lazy ratio and the threshold calibration;
 - ``dist``: process-group plumbing;

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from lazypass.fitting.calibrate import calibrate_threshold, lazy_sampling
@@ -19,6 +20,7 @@ from lazypass.fitting.control import RhoController, resolve_rhos
 from lazypass.fitting.dist import world_and_rank
 from lazypass.fitting.frozen import gates_only
 from lazypass.fitting.objectives import Diffusion, Distill
+from lazypass.fitting.on_policy import OnPolicy
 from lazypass.fitting.sampler import Schedule
 from lazypass.fitting.soft import CallFn, SoftModel, default_call
 from lazypass.fitting.source import BatchSource
@@ -30,12 +32,16 @@ from lazypass.runtime import runtime
 class FitResult:
     """What happened while fitting.
 
-    ``loss``, ``fidelity`` and ``lazy`` have one entry per optimiser step (``lazy`` is the
-    fraction of gate scores above the threshold on the rows that had a previous step, the
-    training-time view of the lazy ratio). ``rho_attn``/``rho_ffn`` are the final penalties
-    (adapted when ``target_ratio`` was given), ``threshold`` the model's threshold at the
-    end, and ``lazy_ratio`` the lazy ratio of real lazy sampling at the end (measured when
-    ``target_ratio`` or ``measure=True`` was given, else None).
+    ``"one_step"``: ``loss``, ``fidelity`` and ``lazy`` have one entry per optimiser step
+    (``lazy`` is the fraction of gate scores above the threshold on the rows that had a
+    previous step, the training-time view of the lazy ratio); ``rho_attn``/``rho_ffn`` are
+    the final penalties (adapted when ``target_ratio`` was given).
+    ``"on_policy"``: ``loss`` has one entry per optimiser step of the gate fits (all rounds),
+    ``fidelity`` and ``lazy`` one per round: the mean squared error of the round's final
+    samples against the full model's and the lazy ratio (in MACs) of its behaviour policy.
+    ``threshold`` is the model's threshold at the end, and ``lazy_ratio`` the lazy ratio of
+    real lazy sampling on held-out batches at the end, counted in per-sample branch MACs
+    (measured when ``target_ratio`` or ``measure=True`` was given, else None).
     """
 
     loss: list[float] = field(default_factory=list)
@@ -119,6 +125,30 @@ def fit(
 
     soft = SoftModel(model, call)
     result = FitResult()
+    if config.objective == "on_policy":
+        if world > 1:
+            raise ValueError(
+                'objective="on_policy" runs in one process; under several processes pass objective="one_step"'
+            )
+        with gates_only(model, soft.forward):
+            fitter = OnPolicy(soft, rt.cfg, source, schedule, config.guidance_scale, config.target_ratio, rhos)
+            bar = _bar(config.rounds) if config.progress else None
+            for r in range(config.rounds):
+                error, ratio = fitter.collect(source.batch(r))
+                result.fidelity.append(error)
+                result.lazy.append(ratio)
+                with torch.enable_grad():
+                    result.loss += fitter.fit(config.steps, config.learning_rate, model.lazy_gates)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(dict(error=f"{error:.3g}", lazy=f"{ratio:.2f}"))
+            if bar is not None:
+                bar.close()
+        rt.set_threshold(0.5)  # the fit centres every gate's decision on logit 0
+        result.rho_attn, result.rho_ffn = rhos
+        _measure(model, config, source, schedule, call, world, result)
+        result.threshold = rt.threshold
+        return result
     with gates_only(model, soft.forward):
         if config.loss == "distill":
             objective = Distill(soft, source, schedule, config.guidance_scale)
@@ -130,26 +160,40 @@ def fit(
         if config.target_ratio is not None:
             control = RhoController(config.target_ratio, L, rhos, not config.user_rho, len(kinds))
         log = train_gates(
-            model.lazy_gates, objective, kinds, config.steps, config.lr, rhos, rt.threshold,
+            model.lazy_gates, objective, kinds, config.steps, config.learning_rate, rhos, rt.threshold,
             control, world, config.progress and rank == 0,
         )
     result.loss, result.fidelity, result.lazy = log.loss, log.fidelity, log.lazy
     result.rho_attn, result.rho_ffn = control.rhos if control is not None else rhos
 
-    if config.target_ratio is not None or config.measure:
-        start = source.next_index
-        calib = [source.batch(start + j) for j in range(config.calibration_batches)]
-        training = model.training
-        model.eval()
-        try:
-            ratio, scores = lazy_sampling(model, calib, call, schedule, config.guidance_scale, world)
-            result.lazy_ratio_before_calibration = ratio
-            if config.target_ratio is not None:
-                ratio = calibrate_threshold(
-                    model, calib, call, schedule, config.guidance_scale, config.target_ratio, ratio, scores, world
-                )
-            result.lazy_ratio = ratio
-        finally:
-            model.train(training)
+    _measure(model, config, source, schedule, call, world, result)
     result.threshold = rt.threshold
     return result
+
+
+def _measure(model, config: FitConfig, source: BatchSource, schedule: Schedule, call, world: int,
+             result: FitResult) -> None:
+    """Lazy sampling on held-out batches (after every training batch): the measured lazy
+    ratio in MACs, and the threshold calibrated to ``target_ratio`` when one was given."""
+    if config.target_ratio is None and not config.measure:
+        return
+    start = source.next_index
+    calib = [source.batch(start + j) for j in range(config.calibration_batches)]
+    training = model.training
+    model.eval()
+    try:
+        ratio, scores = lazy_sampling(model, calib, call, schedule, config.guidance_scale, world)
+        result.lazy_ratio_before_calibration = ratio
+        if config.target_ratio is not None:
+            ratio = calibrate_threshold(
+                model, calib, call, schedule, config.guidance_scale, config.target_ratio, ratio, scores, world
+            )
+        result.lazy_ratio = ratio
+    finally:
+        model.train(training)
+
+
+def _bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="lazypass.fit (on-policy rounds)")

@@ -19,8 +19,10 @@ def lazy_sampling(
 ) -> tuple[float, np.ndarray]:
     """Lazy sampling runs of ``batches`` at the current threshold, each with a fresh copy of the scheduler.
 
-    Returns the lazy ratio (over all processes) and this process's gate scores of the calls
-    after the first step (where caches are valid), for the calibration's quantile guess.
+    Returns the lazy ratio (over all processes), counted in branch MACs per sample (a skipped
+    branch counts its MACs; a sample's ratio is the share of its branch MACs it skipped), and
+    this process's gate scores of the calls after the first step (where caches are valid),
+    for the calibration's quantile guess.
     """
     guided = guidance_scale != 1.0
     skipped, total = 0.0, 0.0
@@ -40,8 +42,9 @@ def lazy_sampling(
                 x = run.step(guide(out, guided, guidance_scale), i, x)
             st = stats(model)
         first = max(st.skipped.shape[0] // schedule.calls, 1)  # calls of the first step: caches not valid yet
-        skipped += float(st.skipped.sum())
-        total += float(st.skipped.size)
+        macs = np.array([float(s.macs) for s in st.sites], dtype=np.float64)[None, :, None]
+        skipped += float((st.skipped * macs).sum())
+        total += float(np.broadcast_to(macs, st.skipped.shape).sum())
         scores.append(st.scores[first:].ravel())
     skipped, total = all_sum([skipped, total], world)
     return skipped / total, np.concatenate(scores)
@@ -57,21 +60,21 @@ def calibrate_threshold(
     ratio: float,
     scores: np.ndarray,
     world: int = 1,
-    tol: float = 0.01,
-    tries: int = 6,
+    tol: float = 0.003,
+    tries: int = 14,
 ) -> float:
     """Set the model's threshold so lazy sampling on ``batches`` hits ``target``; returns the ratio reached.
 
     ``ratio`` and ``scores`` are those of :func:`lazy_sampling` at the current threshold.
-    Bisection on the threshold, each guess taken from the quantile of the recorded scores
-    that would give the target (averaged over processes, so all ranks pick the same one);
-    the best threshold seen is kept.
+    Bisection on the threshold: the first guesses from the quantile of the recorded scores
+    that would give the target (averaged over processes, so all ranks pick the same one),
+    then the middle of the bracket in logit space; the best threshold seen is kept.
     """
     rt = runtime(model)
     lo, hi = -1.0, 2.0  # thresholds giving too many / too few skips
     best = (abs(ratio - target), rt.threshold, ratio)
     thr = rt.threshold
-    for _ in range(tries):
+    for k in range(tries):
         if abs(ratio - target) <= tol:
             break
         if ratio > target:
@@ -79,9 +82,9 @@ def calibrate_threshold(
         else:
             hi = min(hi, thr)
         level = 1.0 - min(max(target * schedule.calls / (schedule.calls - 1), 0.0), 1.0)
-        guess = float(np.quantile(scores, level)) if scores.size else 0.5 * (lo + hi)
+        guess = float(np.quantile(scores, level)) if scores.size and k < 2 else _middle(lo, hi)
         guess = all_sum([guess / world], world)[0]
-        thr = guess if lo < guess < hi else 0.5 * (max(lo, 0.0) + min(hi, 1.0))
+        thr = guess if lo < guess < hi else _middle(lo, hi)
         if not lo < thr < hi:
             thr = 0.5 * (lo + hi)
         rt.set_threshold(check_threshold(min(max(thr, -1.0), 2.0)))
@@ -90,3 +93,11 @@ def calibrate_threshold(
             best = (abs(ratio - target), thr, ratio)
     rt.set_threshold(best[1])
     return best[2]
+
+
+def _middle(lo: float, hi: float) -> float:
+    """The middle of a threshold bracket: in logit space (scores are sigmoids) within [0, 1]."""
+    lo, hi = max(lo, 0.0), min(hi, 1.0)
+    a, b = min(max(lo, 1e-7), 1 - 1e-7), min(max(hi, 1e-7), 1 - 1e-7)
+    m = 0.5 * (np.log(a / (1 - a)) + np.log(b / (1 - b)))
+    return float(1.0 / (1.0 + np.exp(-m)))

@@ -10,6 +10,7 @@ from typing import Any
 from lazypass.fitting.sampler import check_scheduler
 
 LOSSES = ("distill", "diffusion")
+OBJECTIVES = ("on_policy", "one_step")
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,17 @@ class FitConfig:
     """Options of ``lazypass.fit``.
 
     Args:
-        steps: optimiser steps.
-        lr: AdamW learning rate of the gates (the paper: 1e-4, 500 steps).
+        objective: ``"on_policy"`` (default): the gates are fitted on the lazy model's own
+            runs with inference semantics (stale or forecast caches, age, drift), each
+            decision priced by its effect on the final sample against the full model from
+            the same noise (see ``lazypass/fitting/on_policy.py``); self-distillation only.
+            ``"one_step"``: the paper's objective, the soft blend against the full model's
+            branch outputs one step earlier (both losses).
+        steps: optimiser steps (``"on_policy"``: of the gate fit after each round).
+        lr: learning rate of the gates; default 1e-4 for ``"one_step"`` (AdamW, the paper:
+            1e-4, 500 steps) and 0.05 for ``"on_policy"`` (Adam on standardised features).
+        rounds: ``"on_policy"`` only: rounds of rollouts (one batch of ``sample_fn`` each),
+            the first along a fixed schedule, the next along the gates fitted so far.
         rho: lazy-penalty weight for both kinds of site; default the ones given to
             ``lazypass.apply``.
         rho_attn: penalty of attention sites (default ``rho``).
@@ -49,12 +59,16 @@ class FitConfig:
         measure: measure the lazy ratio of real sampling at the end even without a target.
 
     Example:
-        >>> FitConfig(steps=100, target_ratio=0.5).lr
+        >>> FitConfig(steps=100, target_ratio=0.5).learning_rate
+        0.05
+        >>> FitConfig(objective="one_step").learning_rate
         0.0001
     """
 
+    objective: str = "on_policy"
     steps: int = 500
-    lr: float = 1e-4
+    lr: float | None = None
+    rounds: int = 3
     rho: float | None = None
     rho_attn: float | None = None
     rho_ffn: float | None = None
@@ -70,11 +84,20 @@ class FitConfig:
     measure: bool = False
 
     def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f'objective must be "on_policy" or "one_step", got {self.objective!r}')
         if self.loss not in LOSSES:
             raise ValueError(f'loss must be "distill" or "diffusion", got {self.loss!r}')
+        if self.objective == "on_policy" and self.loss != "distill":
+            raise ValueError(
+                'objective="on_policy" unrolls the lazy model from noise (loss="distill"); for the diffusion loss '
+                'pass objective="one_step"'
+            )
+        if not _int(self.rounds) or self.rounds < 1:
+            raise ValueError(f"rounds must be an int >= 1, got {self.rounds!r}")
         if not _int(self.steps) or self.steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {self.steps!r}")
-        if not (_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (_number(self.lr) and self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         for name in ("rho", "rho_attn", "rho_ffn"):
             v = getattr(self, name)
@@ -97,6 +120,13 @@ class FitConfig:
             raise ValueError(f"calibration_batches must be an int >= 1, got {self.calibration_batches!r}")
         if not _int(self.seed):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        """``lr``, or the objective's default."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 0.05 if self.objective == "on_policy" else 1e-4
 
     @property
     def guided(self) -> bool:

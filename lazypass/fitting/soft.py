@@ -65,12 +65,16 @@ def output_channels(pred: Tensor, x: Tensor) -> Tensor:
 
 
 class Full(NamedTuple):
-    """A full-compute call: the prediction (input's channels), every site stream's ``F(Z)``
-    and the token means of ``Z`` the gates' drift compares with (deciding sites only)."""
+    """A full-compute call: the prediction (input's channels), every site stream's ``F(Z)``,
+    the token means of ``Z`` the gates' drift compares with and the token sums the gate
+    weights multiply (both for every stream of every deciding site), and the timestep the
+    graph reads (forecasting models only, else None)."""
 
     prediction: Tensor
     branch_outputs: list[Tensor]
     pooled: list[Tensor]
+    sums: list[Tensor] = []
+    t: Tensor | None = None
 
 
 class Soft(NamedTuple):
@@ -81,6 +85,8 @@ class Soft(NamedTuple):
     scores: Tensor
     branch_outputs: list[Tensor]
     pooled: list[Tensor]
+    sums: list[Tensor] = []
+    t: Tensor | None = None
 
 
 class SoftModel:
@@ -111,14 +117,19 @@ class SoftModel:
 
     def full(self, x: Tensor, t: Tensor, cond: Any) -> Full:
         with torch.no_grad():
-            pred, (fz, _, pooled) = self._run(dict(mix=0.0), x, t, cond)
-        return Full(pred, [f.detach() for f in fz], [p.detach() for p in pooled])
+            pred, (fz, _, pooled, sums, tg) = self._run(dict(mix=0.0), x, t, cond)
+        return Full(pred, [f.detach() for f in fz], [p.detach() for p in pooled], [s.detach() for s in sums], tg)
 
     def soft(self, x: Tensor, t: Tensor, cond: Any, reuse: list[Tensor], *, may: Tensor | None = None,
-             age: Tensor | None = None, pools: list[Tensor] | None = None, hard: bool = False) -> Soft:
-        inputs = dict(mix=1.0, hard=1.0 if hard else 0.0, reuse=reuse, may=may, age=age, pools=pools)
-        pred, (fz, scores, pooled) = self._run(inputs, x, t, cond)
-        return Soft(pred, scores, fz, pooled)
+             age: Tensor | None = None, pools: list[Tensor] | None = None, hard: bool = False,
+             threshold: Tensor | float | None = None, forecast: dict | None = None) -> Soft:
+        """The soft call; ``threshold`` (a float or one per site) replaces the model's,
+        ``forecast`` gives the inputs of the forecast reuse (``prev``: a list per site
+        stream like ``reuse``; ``tfill``, ``tprev``, ``hasprev``: (sites, rows))."""
+        inputs = dict(mix=1.0, hard=1.0 if hard else 0.0, reuse=reuse, may=may, age=age, pools=pools,
+                      threshold=threshold, **(forecast or {}))
+        pred, (fz, scores, pooled, sums, tg) = self._run(inputs, x, t, cond)
+        return Soft(pred, scores, fz, pooled, sums, tg)
 
     def _run(self, inputs: dict, x, t, cond):
         self._inputs, self._outputs = inputs, None
@@ -137,7 +148,11 @@ class SoftModel:
         outs = prog.core(*leaves, *extra)
         n = prog.n_user_outputs
         k = sum(spec.name.startswith("lazy_reuse_") for spec in prog.state_specs)
-        self._outputs = (list(outs[n : n + k]), outs[n + k], list(outs[n + k + 1 :]))
+        forecast = any(spec.name.startswith("lazy_tfill_") for spec in prog.state_specs)
+        rest = list(outs[n + k + 1 :])
+        t = rest.pop() if forecast else None
+        half = len(rest) // 2  # token means, then token sums, of every deciding site stream
+        self._outputs = (list(outs[n : n + k]), outs[n + k], rest[:half], rest[half:], t)
         self.program = prog
         return pytree.tree_unflatten(list(outs[:n]), prog.out_spec)
 
@@ -150,21 +165,30 @@ class SoftModel:
 
 def _extra_inputs(specs, given: dict, threshold: float, device, scalar) -> list[Tensor]:
     """The soft program's inputs after the user's, from what the caller gave (defaults: the
-    full model's view: every row may skip, age 0, no pools, zero reuse values)."""
-    reuse, pools = iter(given.get("reuse") or ()), iter(given.get("pools") or ())
-    may, age = given.get("may"), given.get("age")
+    full model's view: every row may skip, age 0, no pools, zero reuse values, no forecast)."""
+    streams = {kind: iter(given.get(kind) or ()) for kind in ("reuse", "pool", "prev")}
+    streams["pool"] = iter(given.get("pools") or ())
     out = []
     for spec in specs:
         kind, _, rest = spec.name[len("lazy_"):].partition("_")
         if kind in ("mix", "hard"):
             out.append(scalar(given.get(kind, 0.0), device))
         elif kind == "threshold":
-            out.append(scalar(threshold, device))
-        elif kind == "may":
-            out.append(may[int(rest)] if may is not None else torch.ones(spec.shape, dtype=torch.bool, device=device))
-        elif kind == "age":
-            out.append(age[int(rest)] if age is not None else torch.zeros(spec.shape, device=device))
-        else:  # pool, reuse: one tensor per spec, in order
-            value = next(pools if kind == "pool" else reuse, None)
+            value = given.get("threshold")
+            value = threshold if value is None else value
+            if isinstance(value, Tensor):
+                out.append(value.to(device, torch.float32).expand(spec.shape))
+            else:
+                out.append(torch.full(spec.shape, float(value), dtype=torch.float32, device=device))
+        elif kind in ("may", "age", "tfill", "tprev", "hasprev"):
+            value = given.get(kind)
+            if value is not None:
+                out.append(value[int(rest)])
+            elif kind == "may":
+                out.append(torch.ones(spec.shape, dtype=torch.bool, device=device))
+            else:
+                out.append(torch.zeros(spec.shape, dtype=spec.dtype, device=device))
+        else:  # pool, reuse, prev: one tensor per spec, in order
+            value = next(streams[kind], None)
             out.append(value if value is not None else torch.zeros(spec.shape, dtype=spec.dtype, device=device))
     return out

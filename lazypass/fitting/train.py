@@ -65,7 +65,9 @@ def train_gates(
     """
     runner = _GateStep(gates, objective)
     if world > 1:
-        runner = nn.parallel.DistributedDataParallel(runner)
+        # sites that follow their group's gate (granularity "step" or groups) leave their own
+        # gate parameters without gradient
+        runner = nn.parallel.DistributedDataParallel(runner, find_unused_parameters=True)
     opt = torch.optim.AdamW(gates.parameters(), lr=lr)
     attn = torch.tensor([k == "attn" for k in kinds])
     log = TrainLog()

@@ -5,12 +5,13 @@ Per sample ``b`` of site ``i`` (all in fp32)::
 
     sums_j  = sum over tokens of Z_j                       (B, D_j), one per stream
     logit   = sum_j sums_j . w_ij + bias_i  [+ age_i * age_b]  [+ drift_i * drift_b]
-    drift_b = mean_j |sums_j / T_j - pool_j| / (|pool_j| + eps)   (0 where the cache is not valid)
+    drift_b = min(mean_j |sums_j / T_j - pool_j| / (|pool_j| + eps), DRIFT_CAP)   (0 where the cache is not valid)
     score   = sigmoid(logit)
 
 ``pool_j`` is the token mean of ``Z_j`` when the row's cache was filled. Rows of a site are
 sample-major, so ``(rows, ..., D) -> (B, -1, D)`` gathers each sample's tokens, also where
-frames are folded into the leading dim (Latte). With tokens sharded over ranks the partial
+frames are folded into the leading dim (Latte). The drift is capped at ``DRIFT_CAP`` so one
+far-off input cannot swamp the linear gate (a drift of 4 already means "recompute"). With tokens sharded over ranks the partial
 token sums are added up across them before anything else, which gives every rank the score
 of the unsharded model. The drift is a ratio, so the local token count scales out of it.
 """
@@ -26,6 +27,7 @@ from lazypass.ops import shape, value
 
 aten = torch.ops.aten
 EPS = 1e-6
+DRIFT_CAP = 4.0
 
 
 def token_sums(call, m, batch: int, sync=None) -> list[tuple[fx.Node, int]]:
@@ -77,7 +79,17 @@ def drift_of(call, current: list[fx.Node], pools: list[fx.Node], valid: fx.Node)
         total = term if total is None else call(aten.add.Tensor, total, term)
     if len(current) > 1:
         total = call(aten.div.Scalar, total, len(current))
+    total = call(aten.clamp.default, total, None, DRIFT_CAP)
     return call(aten.where.ScalarOther, valid, total, 0.0)
+
+
+def forecast_factor(call, t, t_fill, t_prev, has_prev) -> fx.Node:
+    """``(t - t_fill) / (t_fill - t_prev)`` per row, 0 where the row has no previous output:
+    a forecast reuse returns ``cache + (cache - prev) * factor``."""
+    span = call(aten.sub.Tensor, t_fill, t_prev)
+    ok = call(aten.logical_and.default, has_prev, call(aten.ne.Scalar, span, 0))
+    safe = call(aten.where.ScalarOther, ok, span, 1.0)
+    return call(aten.where.ScalarOther, ok, call(aten.div.Tensor, call(aten.sub.Tensor, t, t_fill), safe), 0.0)
 
 
 def _site(call, gm, gates, name: str, i: int) -> fx.Node:

@@ -42,7 +42,7 @@ import torch.fx as fx
 from lazypass.config import LazyConfig
 from lazypass.ops import is_view, shape, value
 from lazypass.passes.build import caller, graph_inputs, inserting_after, user_outputs
-from lazypass.passes.gating import drift_of, gate_logit, means, token_sums
+from lazypass.passes.gating import drift_of, forecast_factor, gate_logit, means, token_sums
 from lazypass.passes.info import graph_info
 
 aten = torch.ops.aten
@@ -172,7 +172,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             extra = []
             if forecast:
                 t_fill, t_prev, has_prev = row(st.t_fill), row(st.t_prev), row(st.has_prev)
-                extra = [_forecast_factor(call, t, t_fill, t_prev, has_prev)]
+                extra = [forecast_factor(call, t, t_fill, t_prev, has_prev)]
             reuse, decide = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
                                       "compact" if cfg.compacts(batch) else "full")
             operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, anyone] + extra)
@@ -231,14 +231,6 @@ def _choose(call, cond, a, b):
     """``where(cond, a, b)`` for bool tensors, as logic: onnxruntime has no bool ``Where``."""
     keep = call(aten.logical_and.default, cond, a)
     return call(aten.logical_or.default, keep, call(aten.logical_and.default, call(aten.logical_not.default, cond), b))
-
-
-def _forecast_factor(call, t, t_fill, t_prev, has_prev):
-    """(t - t_fill) / (t_fill - t_prev) per row, 0 where the row has no previous output."""
-    span = call(aten.sub.Tensor, t_fill, t_prev)
-    ok = call(aten.logical_and.default, has_prev, call(aten.ne.Scalar, span, 0))
-    safe = call(aten.where.ScalarOther, ok, span, 1.0)
-    return call(aten.where.ScalarOther, ok, call(aten.div.Tensor, call(aten.sub.Tensor, t, t_fill), safe), 0.0)
 
 
 def _row_mask(call, flags, row_shape, batch):

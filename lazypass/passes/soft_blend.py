@@ -15,12 +15,21 @@ teacher's prediction and branch outputs without a second trace.  The score is th
 and the group decisions of ``LazyConfig.granularity``.  The graph has no control flow and
 no state: the caller keeps whatever state it needs.
 
-Inputs after the user's (``graph_info(gm).state_specs``): ``lazy_mix``, ``lazy_threshold``,
-``lazy_hard`` (0-d f32), then per site ``i``: ``lazy_may_{i}`` (B,) bool (the row may skip),
+With ``reuse="forecast"`` (and a timestep input) ``R`` is the forecast the inference graph
+returns, ``R + (R - P) * factor`` (``gating.forecast_factor``) from the inputs below, so the
+on-policy fit reuses exactly what inference would.
+
+Inputs after the user's (``graph_info(gm).state_specs``): ``lazy_mix``, ``lazy_hard`` (0-d
+f32), ``lazy_threshold`` (sites,) f32 (one per site, so a fit can force one group of sites to
+skip), then per site ``i``: ``lazy_may_{i}`` (B,) bool (the row may skip),
 ``lazy_age_{i}`` (B,) f32 and ``lazy_pool_{i}_{j}`` (B, D) f32 where the site decides and
-reads those inputs, and ``lazy_reuse_{i}_{j}`` per stream (shape and dtype of that output).
-Outputs: the user's, the raw ``F(Z)`` of every site stream, ``scores`` (sites, B) f32, and
-the token means of ``Z`` of every ``lazy_pool`` input, in the same order.
+reads those inputs, ``lazy_reuse_{i}_{j}`` per stream (shape and dtype of that output) and,
+when forecasting, ``lazy_prev_{i}_{j}`` (same), ``lazy_tfill_{i}``, ``lazy_tprev_{i}`` (B,)
+f32 and ``lazy_hasprev_{i}`` (B,) bool.
+Outputs: the user's, the raw ``F(Z)`` of every site stream, ``scores`` (sites, B) f32, the
+token means of ``Z`` and then the token sums of ``Z`` (fp32, what the gate weights multiply)
+of every stream of every deciding site, and, when forecasting, the timestep the graph reads
+(B,) f32.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import torch.fx as fx
 from lazypass.config import LazyConfig
 from lazypass.ops import shape, value
 from lazypass.passes.build import caller, graph_inputs, inserting_after, user_outputs
-from lazypass.passes.gating import drift_of, gate_logit, means, token_sums
+from lazypass.passes.gating import drift_of, forecast_factor, gate_logit, means, token_sums
 from lazypass.passes.info import graph_info
 
 aten = torch.ops.aten
@@ -42,7 +51,8 @@ log = logging.getLogger(__name__)
 
 def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     info = graph_info(gm)
-    matches, gates, batch = info.matches, info.gates, info.batch
+    matches, gates, batch, timestep = info.matches, info.gates, info.batch, info.timestep
+    forecast = cfg.reuse == "forecast" and timestep is not None
     graph = gm.graph
     order = {n: k for k, n in enumerate(graph.nodes)}
     call = caller(graph)
@@ -52,8 +62,8 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     use_age, use_drift = "age" in cfg.gate_inputs, "drift" in cfg.gate_inputs
 
     mix = extra_input("lazy_mix", (), torch.float32)
-    threshold = extra_input("lazy_threshold", (), torch.float32)
     hard = extra_input("lazy_hard", (), torch.float32)
+    thresholds = extra_input("lazy_threshold", (len(matches),), torch.float32)
     inputs = []
     for i, m in enumerate(matches):
         may = extra_input(f"lazy_may_{i}", (batch,), torch.bool)
@@ -62,24 +72,38 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                  for j, s in enumerate(m.streams)] if use_drift and leaders[i] == i else []
         reuse = [extra_input(f"lazy_reuse_{i}_{j}", tuple(value(s.y).shape), value(s.y).dtype)
                  for j, s in enumerate(m.streams)]
-        inputs.append((may, age, pools, reuse))
+        fc = None
+        if forecast:
+            prevs = [extra_input(f"lazy_prev_{i}_{j}", tuple(value(s.y).shape), value(s.y).dtype)
+                     for j, s in enumerate(m.streams)]
+            fc = (prevs, extra_input(f"lazy_tfill_{i}", (batch,), torch.float32),
+                  extra_input(f"lazy_tprev_{i}", (batch,), torch.float32),
+                  extra_input(f"lazy_hasprev_{i}", (batch,), torch.bool))
+        inputs.append((may, age, pools, reuse, fc))
 
-    raw, scores, pooled, decided = [], [], [], {}
-    for i, (m, (may, age, pools, reuse)) in enumerate(zip(matches, inputs)):
+    t = None
+    if forecast:  # the timestep as the inference graph reads it, (B,) f32
+        first_use = next(n for n in graph.nodes if n.op not in ("placeholder", "get_attr"))
+        with graph.inserting_before(first_use):
+            t = call(aten.reshape.default, call(aten._to_copy.default, timestep, dtype=torch.float32), [-1])
+            t = call(aten.expand.default, t, [batch])
+
+    raw, scores, pooled, summed, decided = [], [], [], [], {}
+    for i, (m, (may, age, pools, reuse, fc)) in enumerate(zip(matches, inputs)):
         leader = leaders[i]
         # every Z comes before every Y (Z dominates the heavy ops, Y post-dominates them)
         after = [s.z for s in m.streams] + ([decided[leader]] if leader != i else [])
         with inserting_after(graph, max(after, key=order.__getitem__)):
             if leader == i:
                 sums = token_sums(call, m, batch)
-                drift = None
-                if pools:
-                    current = means(call, sums)
-                    pooled += current
-                    drift = drift_of(call, current, pools, may)
+                current = means(call, sums)
+                pooled += current
+                summed += [s for s, _ in sums]
+                drift = drift_of(call, current, pools, may) if pools else None
                 decided[i] = call(aten.sigmoid.default, gate_logit(call, gm, gates, i, sums, age, drift))
             score = decided[leader]
             may_f = call(aten._to_copy.default, may, dtype=torch.float32)
+            threshold = call(aten.select.int, thresholds, 0, i)
             wanted = call(aten._to_copy.default, call(aten.gt.Tensor, score, threshold), dtype=torch.float32)
             straight = call(aten.sub.Tensor, score, call(aten.detach.default, score))  # 0, gradient of s
             w_hard = call(aten.mul.Tensor, call(aten.add.Tensor, wanted, straight), may_f)
@@ -88,9 +112,17 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             weight = call(aten.mul.Tensor, w, mix)
         order = {n: k for k, n in enumerate(graph.nodes)}
         scores.append(score)
-        for s, r in zip(m.streams, reuse):
+        for j, (s, r) in enumerate(zip(m.streams, reuse)):
             y = value(s.y)
             with inserting_after(graph, s.y):
+                if fc is not None:  # the forecast the inference graph would return
+                    prevs, t_fill, t_prev, has_prev = fc
+                    f = forecast_factor(call, t, t_fill, t_prev, has_prev)
+                    f = call(aten._to_copy.default, f, dtype=y.dtype)
+                    if y.shape[0] != batch:
+                        f = call(aten.expand.default, call(aten.reshape.default, f, [batch, 1]), [batch, y.shape[0] // batch])
+                    f = call(aten.reshape.default, f, [-1] + [1] * (y.dim() - 1))
+                    r = call(aten.add.Tensor, r, call(aten.mul.Tensor, call(aten.sub.Tensor, r, prevs[j]), f))
                 w = call(aten._to_copy.default, weight, dtype=y.dtype)
                 if y.shape[0] != batch:  # frames folded into the batch dim: a sample's rows share its weight
                     w = call(aten.expand.default, call(aten.reshape.default, w, [batch, 1]), [batch, y.shape[0] // batch])
@@ -105,7 +137,7 @@ def soft_blend(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
 
     with graph.inserting_before(output):
         stacked = call(aten.stack.default, scores)
-    output.args = (tuple(outputs) + tuple(raw) + (stacked,) + tuple(pooled),)
+    output.args = (tuple(outputs) + tuple(raw) + (stacked,) + tuple(pooled) + tuple(summed) + ((t,) if t is not None else ()),)
     info.state_specs = specs
     info.n_user_outputs = len(outputs)
     graph.lint()

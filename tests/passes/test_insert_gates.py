@@ -117,7 +117,7 @@ def test_gate_reads_age_and_drift_as_documented():
     arch = ARCHS["ref_dit"]
     model = arch.build()
     ref = copy.deepcopy(model)
-    lazypass.apply(model, gate_inputs=("age", "drift"))
+    lazypass.apply(model, gate_inputs=("age", "drift"), granularity="site", reuse="copy")
     lazypass.trace(model, *arch.inputs(2, TIMESTEPS[0], 0)[0])
     random_gates(model, seed=5, std=0.05)
     gates = model.lazy_gates
@@ -155,7 +155,8 @@ def test_gate_reads_age_and_drift_as_documented():
         for i in range(n):
             summed = z[i].sum(1)
             mean = summed / z[i].shape[1]
-            drift = torch.where(valid[i], (mean - pool[i]).norm(dim=1) / (pool[i].norm(dim=1) + 1e-6), 0.0)
+            drift = (mean - pool[i]).norm(dim=1) / (pool[i].norm(dim=1) + 1e-6)
+            drift = torch.where(valid[i], drift.clamp(max=4.0), 0.0)  # capped at gating.DRIFT_CAP
             logit = summed @ gates.weight(i, 0) + gates.bias[i] + gates.age[i] * age[i] + gates.drift[i] * drift
             assert torch.allclose(torch.as_tensor(st.scores[call, i]), torch.sigmoid(logit).detach(), atol=1e-5)
             skip = torch.as_tensor(st.skipped[call, i])

@@ -197,8 +197,9 @@ class LazyRun:
             for j, f in enumerate(new):
                 old = state.caches[i][j]
                 mask = _rows(sk, old)
-                if self.forecast:
-                    state.prevs[i][j] = torch.where(mask, state.prevs[i][j], old)
+                if self.forecast:  # as the inference graph: an invalid old cache is not a prev
+                    before = torch.where(_rows(state.valid[i], old), old, f)
+                    state.prevs[i][j] = torch.where(mask, state.prevs[i][j], before)
                 state.caches[i][j] = torch.where(mask, old, f)
             if self.forecast:
                 state.tprev[i] = torch.where(sk, state.tprev[i], state.tfill[i])

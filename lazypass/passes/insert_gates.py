@@ -190,7 +190,12 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 if forecast:
                     mask = _row_mask(call, skip, value(cache).shape[1:], batch)
                     old = row(cache)
-                    put(st.prevs[j], call(aten.where.self, mask, row(st.prevs[j]), old))
+                    # a row whose old cache is not valid (never filled, or non-finite) keeps its
+                    # new output as ``prev`` too: the forecast factor is 0 then, and 0 * (c - NaN)
+                    # would still be NaN
+                    fresh = _row_mask(call, valid, value(cache).shape[1:], batch)
+                    before = call(aten.where.self, fresh, old, src)
+                    put(st.prevs[j], call(aten.where.self, mask, row(st.prevs[j]), before))
                     src = call(aten.where.self, mask, old, src)
                 put(cache, src)
             # a row skips only where its cache is valid (skip implies may), so it stays valid; a

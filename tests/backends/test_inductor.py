@@ -116,11 +116,15 @@ def _targets(graph):
     return [n.target for n in graph.nodes if n.op == "call_function"]
 
 
+# per-site gates: random gates then give a mix of reused and computed rows within a call
+SITE = {"granularity": "site"}
+
+
 def _pair(arch):
     """A lazy model and an independent eager-lazy reference with the same random gates."""
     base = arch.build()
-    ref = lazypass.apply(copy.deepcopy(base))
-    model = lazypass.apply(base)
+    ref = lazypass.apply(copy.deepcopy(base), **SITE)
+    model = lazypass.apply(base, **SITE)
     args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
     for m in (model, ref):
         lazypass.report(m, *args, print_table=False, **kwargs)  # trace eagerly
@@ -256,7 +260,7 @@ def test_lazy_model_real_inductor_diffusers(name):
 
 def _plain_pair(arch):
     base = arch.build()
-    ref = lazypass.apply(copy.deepcopy(base))
+    ref = lazypass.apply(copy.deepcopy(base), **SITE)
     args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
     lazypass.report(ref, *args, print_table=False, **kwargs)
     random_gates(ref)
@@ -282,7 +286,7 @@ def test_plain_model_runs_the_pass(how, recorder, tmp_path):
         gates = tmp_path / "gates.safetensors"
         lazypass.save_gates(ref, gates)
     torch._dynamo.reset()
-    compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False, options={"gates": gates})
+    compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False, options={"gates": gates, **SITE})
     _plain_run(compiled, ref, arch)
     assert len(recorder.graphs) == 1
     _check_graph(recorder.graphs[0].graph, len(ref.lazy_gates.layout))
@@ -328,7 +332,7 @@ def _plain_real_inductor(arch):
     with torch._inductor.config.patch(post_grad_custom_post_pass=post_grad, fx_graph_cache=False), \
             OutputCode() as code:
         compiled = torch.compile(base, backend="lazydit", fullgraph=True, dynamic=False,
-                                 options={"gates": copy.deepcopy(ref.lazy_gates)})
+                                 options={"gates": copy.deepcopy(ref.lazy_gates), **SITE})
         _plain_run(compiled, ref, arch)
     n_sites = len(ref.lazy_gates.layout)
     _check_post_grad(post_grad.graphs, n_sites)

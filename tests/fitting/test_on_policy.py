@@ -11,7 +11,7 @@ from lazypass.fitting.frozen import gates_only
 from lazypass.fitting.on_policy import LazyRun
 from lazypass.fitting.sampler import Schedule
 from lazypass.fitting.soft import SoftModel, default_call
-from lazypass.runtime import runtime, trajectory
+from lazypass.runtime import runtime, traced_program, trajectory
 from tests.fitting import class_batches, lively_dit
 
 STEPS = 8
@@ -86,7 +86,7 @@ def test_on_policy_hits_the_target_on_fresh_noise():
     # fresh noise, never seen by the fit or the calibration: lazy ratio counted in MACs per sample
     schedule = Schedule(None, STEPS)
     skips = np.concatenate([_lazy_model_skips(model, class_batches(256)(5000 + k), schedule)[0] for k in range(4)], 2)
-    macs = np.array([s.macs for s in lazypass.stats(model).sites], dtype=float)
+    macs = np.array([s.macs for s in traced_program(model).sites], dtype=float)
     ratio = float((skips * macs[None, :, None]).sum() / (macs.sum() * skips.shape[0] * skips.shape[2]))
     assert abs(ratio - 0.4) <= 0.01, ratio
     assert len(result.fidelity) == 2 and len(result.loss) == 120

@@ -21,7 +21,8 @@ BATCH = 4
 
 
 def _lazy(arch, batch=BATCH, **options):
-    model = lazypass.apply(arch.build(), **options)
+    # per-site random gates: one gate per step would decide the same for most rows
+    model = lazypass.apply(arch.build(), **{"granularity": "site", **options})
     args, kwargs = arch.inputs(batch, TIMESTEPS[0], 0)
     lazypass.trace(model, *args, **kwargs)
     random_gates(model)

@@ -192,7 +192,7 @@ def test_linear_attention_has_no_softmax_but_is_attention():
 
 def test_folded_batch_gates_per_sample():
     """Rows (B * frames) share their sample's decision: batch results equal batch-of-one results."""
-    model = lazypass.apply(_build("folded"))
+    model = lazypass.apply(_build("folded"), granularity="site")  # per-site random gates: mixed rows
     _sites(model, "folded")
     random_gates(model, seed=3, std=0.5)
     outs = []

@@ -214,7 +214,8 @@ def test_traced_program_before_tracing_is_a_clear_error():
 
 def _gated(arch_name, seed=1, threshold=0.6, **options):
     arch = ARCHS[arch_name]
-    model = lazypass.apply(arch.build(), **options)
+    # per-site random gates skip some branches; one random gate per step may skip none
+    model = lazypass.apply(arch.build(), **{"granularity": "site", **options})
     args, kwargs = arch.inputs(2, 900, 0)
     lazypass.trace(model, *args, **kwargs)
     random_gates(model, seed)
@@ -273,7 +274,7 @@ def test_wrong_gate_file_before_tracing_refuses_until_right_gates_are_loaded(tmp
     lazypass.save_gates(good, tmp_path / "dit.safetensors")
     expected = _trajectory(good, arch)
 
-    model = lazypass.apply(arch.build())
+    model = lazypass.apply(arch.build(), granularity="site")
     lazypass.load_gates(model, tmp_path / "pixart.safetensors")  # sites unknown yet: checked at the trace
     args, kwargs = arch.inputs(2, 900, 0)
     for _ in range(2):  # refused every time rather than running with gates that were never loaded

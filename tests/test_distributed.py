@@ -102,7 +102,7 @@ def _run_mode(rank: int, world: int, mode: str) -> dict:
     shard = slice(rank * TOKENS // world, (rank + 1) * TOKENS // world)
     sp = mode == "auto"  # the model itself communicates; lazypass syncs on its own
     options = {} if mode == "auto" else {"sync_decisions": {"off": False, "sharded": "sharded"}[mode]}
-    model = lazypass.apply(ShardedDiT(sequence_parallel=sp), **options)
+    model = lazypass.apply(ShardedDiT(sequence_parallel=sp).eval(), **{"granularity": "site", **options})
     x0 = _inputs(0)[:, shard]
     lazypass.report(model, x0, torch.full((BATCH,), TIMESTEPS[0]), print_table=False)
     _set_gates(model)
@@ -151,7 +151,7 @@ def _spawn(tmp_path, world: int = 2, timeout: float = 240.0) -> list[dict]:
 
 def _single_process_reference():
     """The same model and gates on one process, all tokens: the decisions sharding must reproduce."""
-    model = lazypass.apply(ShardedDiT(sequence_parallel=False))
+    model = lazypass.apply(ShardedDiT(sequence_parallel=False).eval(), granularity="site")
     lazypass.report(model, _inputs(0), torch.full((BATCH,), TIMESTEPS[0]), print_table=False)
     _set_gates(model)
     return _trajectory(model, slice(None))

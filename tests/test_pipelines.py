@@ -39,7 +39,7 @@ def _dit(pipe, labels, seeds, guidance=4.0):
 def dit():
     pipe = dit_pipeline()
     full = _dit(pipe, LABELS, SEEDS)
-    pipe.transformer = lazypass.apply(pipe.transformer)
+    pipe.transformer = lazypass.apply(pipe.transformer, granularity="site")
     assert (_dit(pipe, LABELS, SEEDS) == full).all()  # zero gates: nothing changes
     random_gates(pipe.transformer, seed=0)
     return pipe, full
@@ -70,7 +70,7 @@ def test_dit_cfg_batch_equals_one_label_at_a_time(dit):
 @pytest.mark.parametrize("scheduler", ["ddim", "euler"])  # int64 / float32 timesteps
 def test_dit_split_cfg_equals_batched_cfg(scheduler):
     pipe = dit_pipeline(scheduler=scheduler)
-    pipe.transformer = lazypass.apply(pipe.transformer)
+    pipe.transformer = lazypass.apply(pipe.transformer, granularity="site")
     _dit(pipe, LABELS[:2], SEEDS[:2])  # trace, create the gates
     random_gates(pipe.transformer, seed=3)
     lazypass.reset(pipe.transformer)
@@ -98,7 +98,7 @@ def pixart():
     latents = torch.randn(3, 4, 8, 8, generator=g)
     inputs = (emb, mask, neg, neg_mask, latents)
     full = _pixart(pipe, inputs, slice(None))
-    pipe.transformer = lazypass.apply(pipe.transformer)
+    pipe.transformer = lazypass.apply(pipe.transformer, granularity="site")
     _pixart(pipe, inputs, slice(None))
     random_gates(pipe.transformer, seed=0)
     return pipe, inputs, full
@@ -139,7 +139,7 @@ def test_pixart_split_cfg_equals_batched_cfg(pixart):
 def _fitted_gates_from_a_file(tmp_path, labels, seeds, fit_steps, one_at_a_time=True):
     """Gates fitted through a CFG pipeline's transformer, saved, loaded into a fresh pipeline."""
     pipe = dit_pipeline()
-    pipe.transformer = lazypass.apply(pipe.transformer)
+    pipe.transformer = lazypass.apply(pipe.transformer, granularity="site")
     rows = len(labels)  # fit at the batch the pipeline samples with: one traced program less
 
     def batches(i):
@@ -154,7 +154,7 @@ def _fitted_gates_from_a_file(tmp_path, labels, seeds, fit_steps, one_at_a_time=
     lazypass.save_gates(pipe.transformer, tmp_path / "dit.safetensors")
 
     fresh = dit_pipeline()  # same seeded weights, gates only from the file
-    fresh.transformer = lazypass.apply(fresh.transformer)
+    fresh.transformer = lazypass.apply(fresh.transformer, granularity="site")
     lazypass.load_gates(fresh.transformer, tmp_path / "dit.safetensors")
     batched = _dit(fresh, labels, seeds)
     assert lazypass.stats(fresh.transformer).skipped.any()

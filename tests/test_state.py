@@ -14,7 +14,7 @@ TIMESTEPS = (900, 700, 500, 300)
 
 
 def _lazy(seed=1, **options):
-    model = lazypass.apply(ARCH.build(), **options)
+    model = lazypass.apply(ARCH.build(), **{"granularity": "site", **options})  # random gates: mixed rows
     args, _ = ARCH.inputs(2, TIMESTEPS[0], 0)
     lazypass.report(model, *args, print_table=False)
     random_gates(model, seed)

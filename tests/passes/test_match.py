@@ -20,8 +20,9 @@ class _MLPOnly(nn.Module):
 
 
 def test_model_without_sites_is_a_clear_error():
-    model = lazypass.apply(_MLPOnly())
-    # under no_grad: with trainable weights and grad on, a lazy model runs its original forward
+    model = lazypass.apply(_MLPOnly().eval())
+    # eval and no_grad: in train mode, or with trainable weights and grad on, a lazy model runs its
+    # original forward
     with torch.no_grad(), pytest.raises(lazypass.NoSitesError, match="residual branches h = x \\+ g \\* F\\(Z\\)"):
         model(torch.randn(2, 4, 8))
 

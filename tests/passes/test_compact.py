@@ -107,12 +107,7 @@ def test_compact_under_compile_one_graph_for_any_number_of_skipping_rows(monkeyp
         return gm.forward
 
     monkeypatch.setattr("torch._inductor.compile_fx.compile_fx", record)
-    arch = ARCHS["ref_dit"]
-    model = _lazy(arch, batch_compute="compact")
-    ref = _lazy(arch, batch_compute="compact")
-    ref.lazy_gates.load_state_dict(model.lazy_gates.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="lazydit", fullgraph=True, dynamic=False)
+    arch, model, ref, compiled = _compiled_pair()
     counts = set()
     for threshold in (0.5, 0.3, 0.7):
         for m in (model, ref):
@@ -128,6 +123,16 @@ def test_compact_under_compile_one_graph_for_any_number_of_skipping_rows(monkeyp
     assert len(graphs) == 1, "a different number of skipping rows recompiled"
 
 
+def _compiled_pair():
+    """A compacting lazy ref_dit compiled with lazydit, and an eager twin with the same gates."""
+    arch = ARCHS["ref_dit"]
+    model = _lazy(arch, batch_compute="compact")
+    ref = _lazy(arch, batch_compute="compact")
+    ref.lazy_gates.load_state_dict(model.lazy_gates.state_dict())
+    torch._dynamo.reset()
+    return arch, model, ref, torch.compile(model, backend="lazydit", fullgraph=True, dynamic=False)
+
+
 def test_batch_compute_must_be_known():
     with pytest.raises(ValueError, match="batch_compute must be one of .*'auto', 'full', 'compact'.*got 'rows'"):
         lazypass.apply(ARCHS["ref_dit"].build(), batch_compute="rows")
@@ -136,12 +141,7 @@ def test_batch_compute_must_be_known():
 @pytest.mark.slow
 def test_compact_under_real_inductor_matches_eager():
     """The compacted branches lowered by Inductor (top-k, gather, scatter in nested conditionals)."""
-    arch = ARCHS["ref_dit"]
-    model = _lazy(arch, batch_compute="compact")
-    ref = _lazy(arch, batch_compute="compact")
-    ref.lazy_gates.load_state_dict(model.lazy_gates.state_dict())
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="lazydit", fullgraph=True, dynamic=False)
+    arch, model, ref, compiled = _compiled_pair()
     for threshold in (0.5, 0.3):
         for m in (model, ref):
             lazypass.set_threshold(m, threshold)

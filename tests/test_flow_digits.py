@@ -101,4 +101,5 @@ def test_training_is_seeded():
     for a, b in ((m1, m2), (l1, l2)):
         for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
             assert torch.equal(p, q), name
-    assert meta["steps"] == 3 and meta["seed"] == 5 and meta["train_cpu_seconds"] > 0
+    # the CPU time is recorded; three tiny steps on an idle machine may round to 0.0
+    assert meta["steps"] == 3 and meta["seed"] == 5 and meta["train_cpu_seconds"] >= 0

@@ -484,15 +484,25 @@ def table(rows: list[dict], tablefmt="simple") -> str:
 
 
 def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tuple[float, int]]) -> list[list[str]]:
-    """Per lazy point (ratio, steps): learned against the fixed forecast schedule (spread steps)
-    at the same ratio, their FD difference paired by noise seed (mean ± sd over seeds), the best
-    fixed schedule and the oracle where measured, and each one's FD above full compute."""
+    """Per lazy point (ratio, steps): learned against the fixed forecast schedule (spread steps),
+    their FD difference paired by noise seed (mean ± sd over seeds) at the same nominal ratio and
+    at the learned gates' own MACs (the fixed forecast curve at those steps, full compute as its 0%
+    point, interpolated), the best fixed schedule and the oracle where measured, and the FD above
+    full compute."""
     by = {r["entry"].name: r for r in rows}
 
     def per_seed(name: str, ref: str, f) -> tuple[float, float] | None:
         v = [f(results[(name, s)]["fd"], results[(ref, s)]["fd"]) for s in seeds
              if (name, s) in results and (ref, s) in results]  # fmt: skip
         return mean_sd(v) if v else None
+
+    def fixed_at(name: str, steps: int, seed: int) -> float:
+        curve = {r["macs"]: r["fd"] for (n, s), r in results.items() if s == seed and (
+            n == f"DDIM-{steps}" or n.startswith("spread-forecast ") and n.endswith(f"/{steps}"))}  # fmt: skip
+        return interp(curve, results[(name, seed)]["macs"]) if (name, seed) in results else math.nan
+
+    def signed(v) -> str:
+        return "-" if v is None or math.isnan(v[0]) else f"{v[0]:+.2f} ± {v[1]:.2f}"
 
     out = []
     for ratio, steps in points:
@@ -506,9 +516,10 @@ def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tupl
         gaps = " / ".join(f"{by[n]['gap'][0]:.2f}" if n in by and "gap" in by[n] else "-" for n in (learned, fixed))
         solver = by.get(learned) or by.get(fixed)
         diff = per_seed(learned, fixed, lambda a, b: a - b)
+        eq = [results[(learned, s)]["fd"] - fixed_at(learned, steps, s) for s in seeds if (learned, s) in results]
         above = [per_seed(n, full, lambda a, b: 100 * (a / b - 1)) for n in (learned, fixed)]
         out.append([
-            tag, lazy, fd["l"], fd["f"], "-" if diff is None else f"{diff[0]:+.2f} ± {diff[1]:.2f}", fd["b"], fd["o"],
+            tag, lazy, fd["l"], fd["f"], signed(diff), signed(mean_sd(eq) if eq else None), fd["b"], fd["o"],
             fmt(solver["best_eq"]) if "best_eq" in solver else "-", gaps,
             " / ".join("-" if a is None else f"{a[0]:+.1f}% ± {a[1]:.1f}" for a in above),
         ])  # fmt: skip
@@ -516,7 +527,7 @@ def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tupl
 
 
 COMPARE_HEADERS = ["lazy point", "lazy: learned / fixed", "learned FD", "fixed forecast FD",
-                   "learned - fixed (paired)", "best fixed FD", "oracle FD", "best solver FD @eq",
+                   "learned - fixed (paired)", "learned - fixed @eq MACs", "best fixed FD", "oracle FD", "best solver FD @eq",
                    "gap closed: learned / fixed", "FD above full: learned / fixed"]  # fmt: skip
 
 
@@ -625,8 +636,9 @@ def main(argv=None) -> list[dict]:
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "PYTHONPATH=$PWD python benchmarks/quality_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
     side_text = ("Lazy points side by side (fixed: the forecast schedule on evenly spread steps; "
-                 "'learned - fixed': FD difference paired by noise seed; 'FD above full': against full "
-                 "compute at the same steps and noise):")  # fmt: skip
+                 "'learned - fixed': FD difference paired by noise seed, at the same nominal ratio and at the learned "
+                 "gates' MACs along the fixed forecast curve; 'FD above full': against full compute at the same "
+                 "steps and noise):")  # fmt: skip
     (args.out / "table.md").write_text(
         f"`{cmd}` (assembles the cached per-seed results under `{args.out}/results`)\n\n{title}\n\n"
         f"{table(rows, 'github')}\n\n{side_text}\n\n{tabulate(side, headers=COMPARE_HEADERS, tablefmt='github')}\n\n"

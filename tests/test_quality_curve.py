@@ -48,14 +48,17 @@ def test_side_by_side_pairs_learned_and_fixed_by_seed():
     for seed, (full, fixed, learned) in enumerate([(20.0, 26.0, 24.0), (22.0, 30.0, 27.0)]):
         for name, fd, macs in (("DDIM-10", 40.0, 10.0), ("DDIM-20", full, 20.0), ("spread-forecast 75%/20", fixed, 10.0),
                                ("learned 75%/20", learned, 10.0)):  # fmt: skip
-            results[(name, seed)] = dict(seed=seed, fd=fd, macs=macs, lazy=0.75 if macs == 10.0 else 0.0)
+            results[(name, seed)] = dict(seed=seed, fd=fd, macs=macs, lazy=0.0 if macs == 20.0 else 0.75)
+        results[("learned 75%/20", seed)]["macs"] = 12.0  # a little less lazy than the fixed schedule
     rows = qc.summarize(es, results, [0, 1])
     (line,) = qc.compare(rows, results, [0, 1], [(0.75, 20), (0.4, 20)])  # 40%: nothing measured, no line
     cells = dict(zip(qc.COMPARE_HEADERS, line))
     assert cells["lazy point"] == "75%/20" and cells["learned FD"] == "25.50 ± 2.12"
     assert cells["learned - fixed (paired)"] == "-2.50 ± 0.71"  # -2 and -3, not the difference of the means' spreads
-    # (40 - 24) / (40 - 20) = 0.8, (40 - 27) / (40 - 22) = 0.72; fixed 0.7, 0.56
-    assert cells["gap closed: learned / fixed"] == "0.76 / 0.63"
+    # the fixed forecast curve (full compute at 20 MACs, 75% at 10) at the learned MACs, 12: 24.8 and 28.4
+    assert cells["learned - fixed @eq MACs"] == "-1.10 ± 0.42"  # -0.8 and -1.4
+    # DDIM at 12 MACs: 36, 36.4; (36 - 24) / (36 - 20) = 0.75, (36.4 - 27) / (36.4 - 22) = 0.65; fixed 0.7, 0.56
+    assert cells["gap closed: learned / fixed"] == "0.70 / 0.63"
     assert cells["FD above full: learned / fixed"] == "+21.4% ± 1.9 / +33.2% ± 4.5"  # 20% and 22.7%; 30% and 36.4%
     assert cells["best fixed FD"] == "-" and cells["oracle FD"] == "-"
 

@@ -19,9 +19,11 @@ deviation over the seeds. Methods:
   learned ratio of 20 steps;
 - ``best_fixed``: the best fixed (site, step) schedules found by ``examples/digits_fixed.py`` on
   separate search noise (assets ``examples/assets/digits_best_fixed_*.json``);
-- ``learned``: ``lazypass.fit`` gates at 30, 40, 50, 60, 67 and 75% of 20 steps and 30% of 10,
-  the committed gate files where they exist, else fitted with the library defaults and
-  ``target_ratio`` (noise seeds 10,000 and up) and cached under ``--out/gates``;
+- ``learned``: ``lazypass.fit`` gates at 30, 40, 50, 60, 67 and 75% of 20 steps and 30% of 10:
+  the main job's gate files (``examples/assets/digits_gates_*``, 50%/20 and 30%/10), the others
+  from ``--gates-dir`` (default ``examples/assets/curve/``, committed), each fitted there with
+  the library defaults and ``target_ratio`` (noise seeds 10,000 and up) by the first run that
+  finds it missing, with a JSON of how (``--refit``: fit every point afresh under ``--out/gates``);
 - ``oracle``: per sample and step, it runs both the full model and the all-reuse (forecast)
   model from the row's own state and reuses where the weighted eps error
   ``c_i^2 * mean((eps_reuse - eps_full)^2)`` is below ``tau`` (``c_i``: the DDIM coefficient of
@@ -33,9 +35,13 @@ branches each sample skipped (``lazypass.stats``; the oracle's own decisions). "
 DDIM curve's FD linearly interpolated at the method's MACs (same seed), "best solver @eq" the
 best of DDIM, DPM-Solver++ and UniPC there, and "gap closed" ``(FD_DDIM@eq - FD) / (FD_DDIM@eq -
 FD_full)`` with ``FD_full`` the full-compute run at the method's step count. PSNR is against
-that full-compute run (same noise). Each (method, seed) result is cached under ``--out/results``,
-so parts can run separately (``--only``) and a later run assembles the table (``table.md``) and
-the plot (``curve.png``, FD against MACs per image) from all of them.
+that full-compute run (same noise). Each (method, seed) result is cached under ``--out/results``
+(learned and best-fixed ones keyed by their gate / schedule file's hash), so parts can run
+separately (``--only``), new points are added to an existing results folder without running
+anything else again (``--only learned --ratios 0.75``), and a later run assembles the table
+(``table.md``) and the plot (``curve.png``, FD against MACs per image) from all of them. The
+table ends with the lazy points side by side, learned against the fixed forecast schedule at the
+same ratio (their FD difference paired by noise seed) and against full compute.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -349,11 +356,12 @@ class Bench:
 
     # -- learned gates
     def gate_path(self, e: Entry) -> Path:
-        """The committed gate file where it exists (unless --refit), else one fitted under --out/gates."""
-        committed = gates_path(e.ratio, e.steps)
-        if committed.exists() and not self.args.refit:
-            return committed
-        return self.args.out / "gates" / committed.name
+        """The main job's gate file where it exists, else the curve's own under ``--gates-dir``
+        (fitted there by the first run that needs it); ``--refit``: fitted afresh under --out/gates."""
+        main_job = gates_path(e.ratio, e.steps)
+        if self.args.refit:
+            return self.args.out / "gates" / main_job.name
+        return main_job if main_job.exists() else self.args.gates_dir / main_job.name
 
     def gate_file(self, e: Entry) -> Path:
         path = self.gate_path(e)
@@ -370,8 +378,10 @@ class Bench:
             result = lazypass.fit(model, sample_fn, target_ratio=e.ratio, num_inference_steps=e.steps, progress=False)
             lazypass.save_gates(model, path)
             (path.with_suffix(".json")).write_text(json.dumps(dict(
-                fit_seconds=round(time.perf_counter() - start, 1), lazy_ratio=result.lazy_ratio,
-                threshold=result.threshold), indent=1))  # fmt: skip
+                fit_seconds=round(time.perf_counter() - start, 1), load_average=round(os.getloadavg()[0], 1),
+                threads=torch.get_num_threads(), lazy_ratio=result.lazy_ratio, threshold=result.threshold,
+                fit="lazypass.fit defaults, target_ratio and num_inference_steps; batches of 64, noise and labels "
+                    f"from Generator().manual_seed({FIT_SEED} + 1000 * {round(e.ratio * 100)} + i)"), indent=1))  # fmt: skip
         return path
 
     def learned(self, e: Entry, noise, labels):
@@ -473,6 +483,54 @@ def table(rows: list[dict], tablefmt="simple") -> str:
     return tabulate(out, headers=headers, tablefmt=tablefmt)
 
 
+def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tuple[float, int]]) -> list[list[str]]:
+    """Per lazy point (ratio, steps): learned against the fixed forecast schedule (spread steps),
+    their FD difference paired by noise seed (mean ± sd over seeds) at the same nominal ratio and
+    at the learned gates' own MACs (the fixed forecast curve at those steps, full compute as its 0%
+    point, interpolated), the best fixed schedule and the oracle where measured, and the FD above
+    full compute."""
+    by = {r["entry"].name: r for r in rows}
+
+    def per_seed(name: str, ref: str, f) -> tuple[float, float] | None:
+        v = [f(results[(name, s)]["fd"], results[(ref, s)]["fd"]) for s in seeds
+             if (name, s) in results and (ref, s) in results]  # fmt: skip
+        return mean_sd(v) if v else None
+
+    def fixed_at(name: str, steps: int, seed: int) -> float:
+        curve = {r["macs"]: r["fd"] for (n, s), r in results.items() if s == seed and (
+            n == f"DDIM-{steps}" or n.startswith("spread-forecast ") and n.endswith(f"/{steps}"))}  # fmt: skip
+        return interp(curve, results[(name, seed)]["macs"]) if (name, seed) in results else math.nan
+
+    def signed(v) -> str:
+        return "-" if v is None or math.isnan(v[0]) else f"{v[0]:+.2f} ± {v[1]:.2f}"
+
+    out = []
+    for ratio, steps in points:
+        tag = f"{pct(ratio)}/{steps}"
+        learned, fixed, full = f"learned {tag}", f"spread-forecast {tag}", f"DDIM-{steps}"
+        if learned not in by and fixed not in by:
+            continue
+        fd = {k: fmt(by[n]["fd"]) if n in by else "-" for k, n in
+              (("l", learned), ("f", fixed), ("b", f"best-fixed {tag}"), ("o", f"oracle {tag}"))}  # fmt: skip
+        lazy = " / ".join(f"{by[n]['lazy']:.1%}" if n in by else "-" for n in (learned, fixed))
+        gaps = " / ".join(f"{by[n]['gap'][0]:.2f}" if n in by and "gap" in by[n] else "-" for n in (learned, fixed))
+        solver = by.get(learned) or by.get(fixed)
+        diff = per_seed(learned, fixed, lambda a, b: a - b)
+        eq = [results[(learned, s)]["fd"] - fixed_at(learned, steps, s) for s in seeds if (learned, s) in results]
+        above = [per_seed(n, full, lambda a, b: 100 * (a / b - 1)) for n in (learned, fixed)]
+        out.append([
+            tag, lazy, fd["l"], fd["f"], signed(diff), signed(mean_sd(eq) if eq else None), fd["b"], fd["o"],
+            fmt(solver["best_eq"]) if "best_eq" in solver else "-", gaps,
+            " / ".join("-" if a is None else f"{a[0]:+.1f}% ± {a[1]:.1f}" for a in above),
+        ])  # fmt: skip
+    return out
+
+
+COMPARE_HEADERS = ["lazy point", "lazy: learned / fixed", "learned FD", "fixed forecast FD",
+                   "learned - fixed (paired)", "learned - fixed @eq MACs", "best fixed FD", "oracle FD", "best solver FD @eq",
+                   "gap closed: learned / fixed", "FD above full: learned / fixed"]  # fmt: skip
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -536,7 +594,11 @@ def main(argv=None) -> list[dict]:
                    help="run the baselines at these step counts only (default min-steps..20)")
     p.add_argument("--quick", action="store_true", help="smoke mode: 20 steps 50%% and 10 steps 30%% only, "
                    "no fitting (committed gates), baselines at 5, 7, 10, 20 steps")  # fmt: skip
-    p.add_argument("--refit", action="store_true", help="fit every learned point (ignore the committed gate files)")
+    p.add_argument("--refit", action="store_true", help="fit every learned point afresh under --out/gates "
+                   "(ignore the committed gate files)")  # fmt: skip
+    p.add_argument("--gates-dir", type=Path, default=ROOT / "examples" / "assets" / "curve",
+                   help="gates of the learned points the main job has none for: loaded from here, or fitted "
+                   "and saved here when missing")  # fmt: skip
     p.add_argument("--spacing-samples", type=int, default=100, help="samples of the solvers' spacing choice")
     p.add_argument("--solvers", nargs="*", choices=SOLVERS, default=list(SOLVERS), help="diffusers solver curves")
     p.add_argument("--oracle-samples", type=int, default=64, help="calibration samples of the oracle's tau")
@@ -568,10 +630,19 @@ def main(argv=None) -> list[dict]:
     title = (f"digits DiT, CFG 1, {args.samples} samples x seeds {args.seeds}: FD against executed MACs "
              f"(mean and sd over seeds)")  # fmt: skip
     text = table(rows)
+    side = compare(rows, results, args.seeds, [(r, 20) for r in args.ratios] + [(0.3, 10)])
     print(text)
+    print(tabulate(side, headers=COMPARE_HEADERS))
     args.out.mkdir(parents=True, exist_ok=True)
     cmd = "PYTHONPATH=$PWD python benchmarks/quality_curve.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    (args.out / "table.md").write_text(f"`{cmd}`\n\n{title}\n\n{table(rows, 'github')}\n\n{headline(rows)}\n")
+    side_text = ("Lazy points side by side (fixed: the forecast schedule on evenly spread steps; "
+                 "'learned - fixed': FD difference paired by noise seed, at the same nominal ratio and at the learned "
+                 "gates' MACs along the fixed forecast curve; 'FD above full': against full compute at the same "
+                 "steps and noise):")  # fmt: skip
+    (args.out / "table.md").write_text(
+        f"`{cmd}` (assembles the cached per-seed results under `{args.out}/results`)\n\n{title}\n\n"
+        f"{table(rows, 'github')}\n\n{side_text}\n\n{tabulate(side, headers=COMPARE_HEADERS, tablefmt='github')}\n\n"
+        f"{headline(rows)}\n")  # fmt: skip
     plot(rows, args.out / "curve.png", title)
     print(f"wrote {args.out}/table.md, {args.out}/curve.png; wall time {time.perf_counter() - start:.0f} s")
     print(headline(rows))

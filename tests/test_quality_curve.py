@@ -40,6 +40,43 @@ def test_summary_gap_closed():
     assert "0.75 ± 0.00" in qc.table(list(rows.values()))
 
 
+def test_side_by_side_pairs_learned_and_fixed_by_seed():
+    es = [qc.Entry("DDIM-10", "DDIM", 10), qc.Entry("DDIM-20", "DDIM", 20),
+          qc.Entry("spread-forecast 75%/20", "spread-forecast", 20, 0.75, "fixed"),
+          qc.Entry("learned 75%/20", "learned", 20, 0.75, "learned")]  # fmt: skip
+    results = {}
+    for seed, (full, fixed, learned) in enumerate([(20.0, 26.0, 24.0), (22.0, 30.0, 27.0)]):
+        for name, fd, macs in (("DDIM-10", 40.0, 10.0), ("DDIM-20", full, 20.0), ("spread-forecast 75%/20", fixed, 10.0),
+                               ("learned 75%/20", learned, 10.0)):  # fmt: skip
+            results[(name, seed)] = dict(seed=seed, fd=fd, macs=macs, lazy=0.0 if macs == 20.0 else 0.75)
+        results[("learned 75%/20", seed)]["macs"] = 12.0  # a little less lazy than the fixed schedule
+    rows = qc.summarize(es, results, [0, 1])
+    (line,) = qc.compare(rows, results, [0, 1], [(0.75, 20), (0.4, 20)])  # 40%: nothing measured, no line
+    cells = dict(zip(qc.COMPARE_HEADERS, line))
+    assert cells["lazy point"] == "75%/20" and cells["learned FD"] == "25.50 ± 2.12"
+    assert cells["learned - fixed (paired)"] == "-2.50 ± 0.71"  # -2 and -3, not the difference of the means' spreads
+    # the fixed forecast curve (full compute at 20 MACs, 75% at 10) at the learned MACs, 12: 24.8 and 28.4
+    assert cells["learned - fixed @eq MACs"] == "-1.10 ± 0.42"  # -0.8 and -1.4
+    # DDIM at 12 MACs: 36, 36.4; (36 - 24) / (36 - 20) = 0.75, (36.4 - 27) / (36.4 - 22) = 0.65; fixed 0.7, 0.56
+    assert cells["gap closed: learned / fixed"] == "0.70 / 0.63"
+    assert cells["FD above full: learned / fixed"] == "+21.4% ± 1.9 / +33.2% ± 4.5"  # 20% and 22.7%; 30% and 36.4%
+    assert cells["best fixed FD"] == "-" and cells["oracle FD"] == "-"
+
+
+def test_learned_gates_are_looked_up_in_the_main_assets_then_the_curve_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from digits_eval import gates_path
+
+    bench = SimpleNamespace(args=SimpleNamespace(refit=False, gates_dir=tmp_path / "curve", out=tmp_path / "out"))
+    main_job, other = qc.Entry("learned 50%/20", "learned", 20, 0.5, "learned"), qc.Entry("l", "learned", 20, 0.75, "learned")
+    assert gates_path(0.5, 20).exists()
+    assert qc.Bench.gate_path(bench, main_job) == gates_path(0.5, 20)
+    assert qc.Bench.gate_path(bench, other) == tmp_path / "curve" / "digits_gates_75pct_20steps.safetensors"
+    bench.args.refit = True
+    assert qc.Bench.gate_path(bench, main_job) == tmp_path / "out" / "gates" / "digits_gates_50pct_20steps.safetensors"
+
+
 @pytest.mark.slow
 def test_quick_mode_smoke(tmp_path):
     rows = qc.main(["--samples", "8", "--seeds", "0", "1", "--quick", "--spacing-samples", "8",

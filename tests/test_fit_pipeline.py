@@ -85,11 +85,7 @@ def test_fit_samples_exactly_as_the_pipeline_does(name):
     assert np.abs(got.scores - want.scores).max() <= 1e-6
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(reason="open: on-policy gates calibrated through the tiny Flux "
-                                                      "pipeline give 0.29 on fresh batches for a 0.40 target", strict=False))
-    if name == "flux" else name for name in sorted(CASES)
-])
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_fit_pipeline_reaches_the_target_through_the_pipeline(name, tmp_path):
     case = CASES[name]
     pipe = case.pipe()

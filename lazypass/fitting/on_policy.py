@@ -21,7 +21,8 @@ regression (DAgger-style, on all rounds' data) on what they read at step ``i`` (
 ``Z``, cache age, input drift): label "skip" where ``A < lambda * MACs(u)``, weighted by the
 clipped margin, ``lambda`` set so the labels hit ``target_ratio`` in MACs (without a target:
 ``lambda`` = the rho penalty of the unit's sites). Features are standardised for the fit and
-folded back into the linear gate. Cost per round: about ``U * L**2`` model calls of the batch
+folded back into the linear gate; the L2 of the ``Z`` weights is chosen from ``RIDGES`` by
+cross-validation over the collected trajectories. Cost per round: about ``U * L**2`` model calls of the batch
 for ``L`` calls per trajectory and ``U`` units, without gradients.
 """
 
@@ -41,7 +42,8 @@ from lazypass.fitting.source import BatchSource
 from lazypass.passes.gating import DRIFT_CAP, EPS
 
 MARGIN_CAP = 3.0
-L2 = 1e-3
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0)  # L2 of the standardised Z weights, chosen by cross-validation
+FOLDS = 4  # folds of the cross-validation, split by sample (trajectory)
 
 
 @dataclass
@@ -230,6 +232,7 @@ class Collected:
     age: list[list[Tensor]] = field(default_factory=list)
     drift: list[list[Tensor]] = field(default_factory=list)
     cost: list[list[Tensor]] = field(default_factory=list)
+    sample: list[list[Tensor]] = field(default_factory=list)  # which trajectory each point comes from
     total_rows: float = 0.0  # rows of every decision, valid or not (the budget counts them all)
 
 
@@ -245,6 +248,8 @@ class OnPolicy:
         self.L = schedule.calls
         self.data: Collected | None = None
         self.logit_threshold: float | None = None  # behaviour of later rounds (gate logit)
+        self.samples = 0  # trajectories collected so far (the cross-validation's groups)
+        self.ridges: list[float] = []  # the L2 the cross-validation chose, per fit
 
     # -- sampling ------------------------------------------------------------------------------
     def _inputs(self, traj: Trajectory, x: Tensor, i: int, batch: dict):
@@ -342,7 +347,10 @@ class OnPolicy:
         x = traj.step(guide(pred, self.guided, self.scale), 0, x)
         U = len(self.run.units)
         if self.data is None:
-            self.data = Collected(*([[] for _ in range(U)] for _ in range(4)))
+            self.data = Collected(*([[] for _ in range(U)] for _ in range(5)))
+        rows = x.shape[0] * (2 if self.guided else 1)  # a guided sample has a row in each half
+        sample = self.samples + torch.arange(rows, device=x.device) % x.shape[0]
+        self.samples += x.shape[0]
         skipped = 0.0
         for i in range(1, self.L):
             costs = []
@@ -361,6 +369,7 @@ class OnPolicy:
                 self.data.age[u].append(feats.age[u][m])
                 self.data.drift[u].append(feats.drift[u][m])
                 self.data.cost[u].append(costs[u].to(m.device)[m])
+                self.data.sample[u].append(sample.to(m.device)[m])
             self.data.total_rows += float(feats.may.shape[1])
         return float(_error(x, ref).mean()), skipped / self.L
 
@@ -397,7 +406,7 @@ class OnPolicy:
         y = (margin > 0).float()
         wt = margin.abs().clamp(max=MARGIN_CAP) + 0.05
         # standardised features, one linear model per unit
-        params, norms, offs = [], [], [0]
+        norms, offs = [], [0]
         for u in range(U):
             offs.append(offs[-1] + n[u])
             z = Z[u] if Z[u] is not None else torch.zeros(0, 1)
@@ -405,11 +414,9 @@ class OnPolicy:
             a_sd = A[u].std().clamp_min(0.5) if n[u] > 1 else torch.tensor(1.0)
             d_sd = Dr[u].std().clamp_min(1e-3) if n[u] > 1 else torch.tensor(1.0)
             norms.append((mu, sd, a_sd, d_sd))
-            params.append([torch.zeros(z.shape[1], requires_grad=True), torch.zeros((), requires_grad=True),
-                           torch.zeros((), requires_grad=True), torch.zeros((), requires_grad=True)])
         feats = [((Z[u] - norms[u][0]) / norms[u][1], A[u] / norms[u][2], Dr[u] / norms[u][3]) for u in range(U)]
 
-        def logits(u):
+        def logits(params, u):
             w, b, a, d = params[u]
             z, ag, dr = feats[u]
             out = z @ w + b
@@ -419,22 +426,36 @@ class OnPolicy:
                 out = out + d * dr
             return out
 
-        opt = torch.optim.Adam([p for ps in params for p in ps], lr=lr)
-        log = []
-        for _ in range(steps):
-            total = 0.0
-            for u in range(U):
-                if n[u] == 0:
-                    continue
-                sl = slice(offs[u], offs[u + 1])
-                bce = torch.nn.functional.binary_cross_entropy_with_logits(logits(u), y[sl], reduction="none")
-                total = total + (wt[sl] * bce).sum() / wt.sum() + L2 * params[u][0].pow(2).sum()
-            opt.zero_grad()
-            total.backward()
-            opt.step()
-            log.append(float(total.detach()))
+        def weighted_bce(params, u, weight):
+            sl = slice(offs[u], offs[u + 1])
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(logits(params, u), y[sl], reduction="none")
+            return (weight[sl] * bce).sum()
+
+        def train(ridge: float, keep: Tensor | None) -> tuple[list, list[float]]:
+            """The weighted logistic fit on the rows in ``keep`` (all if None), L2 ``ridge`` on the Z weights."""
+            weight = wt if keep is None else wt * keep
+            norm = weight.sum().clamp_min(1e-30)
+            params = [[torch.zeros(feats[u][0].shape[1], requires_grad=True)]
+                      + [torch.zeros((), requires_grad=True) for _ in range(3)] for u in range(U)]
+            opt = torch.optim.Adam([p for ps in params for p in ps], lr=lr)
+            log = []
+            for _ in range(steps):
+                total = 0.0
+                for u in range(U):
+                    if n[u] == 0:
+                        continue
+                    total = total + weighted_bce(params, u, weight) / norm + ridge * params[u][0].pow(2).sum()
+                opt.zero_grad()
+                total.backward()
+                opt.step()
+                log.append(float(total.detach()))
+            return params, log
+
+        ridge = self._ridge(train, weighted_bce, torch.cat([torch.cat(data.sample[u]) for u in range(U)]), wt, n)
+        self.ridges.append(ridge)
+        params, log = train(ridge, None)
         with torch.no_grad():
-            lg = torch.cat([logits(u) for u in range(U)])
+            lg = torch.cat([logits(params, u) for u in range(U)])
             theta = 0.0
             if self.target is not None:  # behaviour threshold: the logit quantile that skips the target MACs
                 order = torch.argsort(lg, descending=True)
@@ -447,6 +468,31 @@ class OnPolicy:
             self._write(gates, params, norms, theta, shrink, use_age, use_drift)
         self.logit_threshold = 0.0
         return log
+
+    @staticmethod
+    def _ridge(train, weighted_bce, sample: Tensor, wt: Tensor, n: list[int]) -> float:
+        """The L2 of ``RIDGES`` with the least held-out weighted loss, folds split by sample.
+
+        A few trajectories give few points per feature (a batch of 4 samples, 5 decisions each,
+        against 2 x 16 token-sum features): with a weak L2 the gate then keys on what tells the
+        training samples apart (their noise, their prompt), which sets each sample's decisions
+        on all its steps at once and does not carry over to other samples.
+        """
+        groups = torch.unique(sample)
+        if len(RIDGES) == 1 or len(groups) < 2:
+            return RIDGES[0]
+        folds = min(FOLDS, len(groups))
+        fold = torch.searchsorted(groups, sample) % folds
+        losses = []
+        for ridge in RIDGES:
+            held = 0.0
+            for k in range(folds):
+                test = fold == k
+                params, _ = train(ridge, (~test).float())
+                with torch.no_grad():
+                    held += sum(float(weighted_bce(params, u, wt * test)) for u in range(len(n)) if n[u])
+            losses.append(held)
+        return RIDGES[min(range(len(RIDGES)), key=losses.__getitem__)]
 
     def _write(self, gates, params, norms, theta, shrink, use_age, use_drift) -> None:
         run = self.run

@@ -355,7 +355,14 @@ class _Flux(_Adapter):
             guidance = torch.full((x.shape[0],), self.guidance_scale, device=x.device, dtype=torch.float32)
         return model(hidden_states=x, timestep=t.to(x.dtype) / 1000, guidance=guidance,
                      pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
-                     txt_ids=self.text_ids, img_ids=self.image_ids, joint_attention_kwargs={}, return_dict=False)[0]
+                     txt_ids=self._text_ids(cond["encoder_hidden_states"]), img_ids=self.image_ids,
+                     joint_attention_kwargs={}, return_dict=False)[0]
+
+    def _text_ids(self, emb: Tensor) -> Tensor:
+        """``encode_prompt``'s text ids (zeros of the text length); built from ``emb`` before any encode."""
+        if self.text_ids is None or self.text_ids.shape[0] != emb.shape[1]:
+            return torch.zeros(emb.shape[1], 3, device=emb.device, dtype=emb.dtype)
+        return self.text_ids
 
 
 def _calculate_shift(pipe, seq_len: int, config, max_shift: float) -> float:

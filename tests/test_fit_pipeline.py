@@ -91,13 +91,13 @@ def test_fit_pipeline_reaches_the_target_through_the_pipeline(name, tmp_path):
     pipe = case.pipe()
     target = 0.4
     result = lazypass.fit_pipeline(pipe, case.prompts, num_inference_steps=STEPS, target_ratio=target, steps=60,
-                                   rounds=2, batch_size=4, calibration_batches=4, progress=False, **case.fit_kwargs)
+                                   rounds=2, batch_size=4, calibration_batches=8, progress=False, **case.fit_kwargs)
     assert abs(result.lazy_ratio - target) <= 0.02, result  # the calibration batches
     # pipe(...) on batches fit never saw (other noise seeds). Tiny models with 4-6 sites and 4 prompts a batch
-    # give lazy ratios that spread by ~0.05 from batch to batch, and the threshold was calibrated on 4 batches:
-    # the mean of 4 fresh batches lands within 0.1 of the target.
+    # give lazy ratios that spread by ~0.03-0.06 from batch to batch, and the threshold was calibrated on 8
+    # batches: the mean of 8 fresh batches lands within 0.1 of the target.
     fresh = plan_pipeline(pipe, case.prompts, num_inference_steps=STEPS, batch_size=4, seed=7, **case.fit_kwargs)
-    runs = [case.run(pipe, fresh.prompts(i), fresh.generators(i)) for i in range(4)]
+    runs = [case.run(pipe, fresh.prompts(i), fresh.generators(i)) for i in range(8)]
     ratios = [st.lazy_ratio for _, st in runs]
     assert abs(np.mean(ratios) - target) <= 0.1, ratios
 

@@ -82,12 +82,15 @@ def test_a_non_finite_output_is_never_reused(bad):
     assert third.isfinite().all()
 
 
-def test_cache_dtype_overflow_is_not_reused():
+@pytest.mark.parametrize("granularity", ["site", "step"])
+def test_cache_dtype_overflow_is_not_reused(granularity):
+    """A row whose cached value overflows recomputes its decision group: that site alone with
+    ``granularity="site"``, every site of the call with ``"step"`` (the group shares one state)."""
     arch = ARCHS["vit"]
     model = arch.build()
     with torch.no_grad():
         model.blocks[0].mlp[2].weight.mul_(1e6)  # this branch's outputs exceed fp16's range
-    model = lazypass.apply(model, cache_dtype="float16")
+    model = lazypass.apply(model, cache_dtype="float16", granularity=granularity)
     lazypass.set_threshold(model, -0.5)
     with torch.no_grad():
         for seed in range(2):
@@ -98,7 +101,10 @@ def test_cache_dtype_overflow_is_not_reused():
     overflow = kinds.index(next(p for p in kinds if p.startswith("blocks.0.mlp")))
     assert not st.skipped[1, overflow].any()
     others = [i for i in range(len(kinds)) if i != overflow]
-    assert st.skipped[1, others].all()
+    if granularity == "site":
+        assert st.skipped[1, others].all()
+    else:
+        assert not st.skipped[1].any()
 
 
 # -- thresholds and options -----------------------------------------------------------

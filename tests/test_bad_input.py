@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lazypass
+from lazypass.config import LazyConfig
 from lazypass.runtime import NotTracedError, runtime, traced_program
 from tests.archs import ARCHS, random_gates
 
@@ -82,10 +83,11 @@ def test_a_non_finite_output_is_never_reused(bad):
     assert third.isfinite().all()
 
 
-@pytest.mark.parametrize("granularity", ["site", "step"])
+@pytest.mark.parametrize("granularity", ["site", 2, "step"])
 def test_cache_dtype_overflow_is_not_reused(granularity):
     """A row whose cached value overflows recomputes its decision group: that site alone with
-    ``granularity="site"``, every site of the call with ``"step"`` (the group shares one state)."""
+    ``granularity="site"``, its group of two with ``2``, every site of the call with ``"step"``
+    (a group shares one row state)."""
     arch = ARCHS["vit"]
     model = arch.build()
     with torch.no_grad():
@@ -100,11 +102,12 @@ def test_cache_dtype_overflow_is_not_reused(granularity):
     kinds = [s.path for s in st.sites]
     overflow = kinds.index(next(p for p in kinds if p.startswith("blocks.0.mlp")))
     assert not st.skipped[1, overflow].any()
-    others = [i for i in range(len(kinds)) if i != overflow]
-    if granularity == "site":
-        assert st.skipped[1, others].all()
-    else:
-        assert not st.skipped[1].any()
+    groups = LazyConfig(granularity=granularity).group_of(len(kinds))
+    group = [i for i in range(len(kinds)) if groups[i] == groups[overflow]]
+    others = [i for i in range(len(kinds)) if i not in group]
+    assert len(group) == {"site": 1, 2: 2, "step": len(kinds)}[granularity]
+    assert not st.skipped[1, group].any()
+    assert st.skipped[1, others].all()
 
 
 # -- thresholds and options -----------------------------------------------------------

@@ -173,16 +173,15 @@ class LazyRun:
     @staticmethod
     def _finite(sites: list[list[Tensor]]) -> Tensor:
         """(B,) bool: the group's rows are finite, checked as ``insert_gates`` does (fp32 sums per
-        row, added per site and then over the group's sites, and the total finite)."""
-        total = None
+        row, added per site, summed over the group's sites, and the total finite)."""
+        totals = []
         for outs in sites:
             site = None
             for o in outs:
                 s = o.reshape(o.shape[0], -1).sum(1, dtype=torch.float32)
                 site = s if site is None else site + s
-            if site is not None:
-                total = site if total is None else total + site
-        return torch.isfinite(total)
+            totals.append(site)
+        return torch.isfinite(totals[0] if len(totals) == 1 else torch.stack(totals).sum(0))
 
     def _features(self, out, state: RunState, may: Tensor) -> Features:
         sums, ages, drifts, mays = [], [], [], []

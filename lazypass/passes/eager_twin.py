@@ -72,25 +72,46 @@ def _put(state: torch.Tensor, index: int, new: torch.Tensor) -> torch.Tensor:
     return state
 
 
+def _put_row(state: torch.Tensor, row: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``_put`` through ``row``, the call's earlier read of ``state[index]`` (no second view)."""
+    if new._base is not state:
+        row.copy_(new)
+    return state
+
+
 def _views(graph: fx.Graph, slot: fx.Node, index: fx.Node) -> None:
-    """Reads and writes of ``state[slot]`` in ``graph`` as views with the host ``index``."""
+    """Reads and writes of ``state[slot]`` in ``graph`` as views with the host ``index``; a write
+    goes through the call's earlier read of the same state where there is one."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    reads: dict[fx.Node, fx.Node] = {}
+    writes = []
     for user in list(slot.users):
         if user is index:
             continue
         if user.target is aten.index_select.default and user.args[1:] == (0, slot):
             (squeeze,) = user.users if len(user.users) == 1 else (None,)
             if squeeze is not None and squeeze.target is aten.squeeze.dim and squeeze.args[1:] == (0,):
-                squeeze.target, squeeze.args = aten.select.int, (user.args[0], 0, index)
+                state = user.args[0]
+                squeeze.target, squeeze.args = aten.select.int, (state, 0, index)
                 graph.erase_node(user)
+                if state not in reads or order[squeeze] < order[reads[state]]:
+                    reads[state] = squeeze
                 continue
         elif user.target is aten.index_copy_.default and user.args[1:3] == (0, slot):
             new = user.args[3]
             if new.target is aten.unsqueeze.default and new.args[1:] == (0,):
-                user.target, user.args = _put, (user.args[0], index, new.args[0])
-                if not new.users:
-                    graph.erase_node(new)
+                writes.append((user, new))
                 continue
         user.replace_input_with(slot, index)  # cond operands: the branches get the host index too
+    for user, new in writes:
+        state = user.args[0]
+        read = reads.get(state)
+        if read is not None and order[read] < order[user]:
+            user.target, user.args = _put_row, (state, read, new.args[0])
+        else:
+            user.target, user.args = _put, (state, index, new.args[0])
+        if not new.users:
+            graph.erase_node(new)
 
 
 def _host_decisions(graph: fx.Graph, copied: dict) -> None:

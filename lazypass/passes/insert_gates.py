@@ -3,30 +3,42 @@
 After this pass the graph takes, besides the user's inputs (K = ``calls_per_step``,
 B = samples per call, all listed with their initial values in ``graph_info(gm).state_specs``),
 
-    threshold (0-d f32), last_t (B,) f32, call_index (0-d i64), and per site i:
-    valid_i (K, B) bool       the row's cache at this slot may be used
-    age_i (K, B) f32          calls at this slot since the row last computed (max_age, "age" input)
+    threshold (0-d f32), last_t (B,) f32, call_index (0-d i64);
+    per decision group, named after its deciding site l (``LazyConfig.group_of``; every site is
+    its own group with ``granularity="site"``):
+    valid_l (K, B) bool       the rows' caches at this slot may be used (every site of the group)
+    age_l (K, B) f32          calls at this slot since the row last computed (max_age, "age" input)
+    t_fill_l, t_prev_l, has_prev_l    timesteps of the last two computed outputs (forecast)
+    pool_l_j (K, B, D) f32    token mean of Z when the caches were filled ("drift" input)
+    and per site i:
     cache_i_j (K, rows, ...)  the last computed output of stream j
-    prev_i_j, t_fill_i, t_prev_i, has_prev_i    the output before it and both timesteps (forecast)
-    pool_i_j (K, B, D) f32    token mean of Z when the cache was filled (deciding sites, "drift" input)
+    prev_i_j (K, rows, ...)   the output before it (forecast)
 
 and updates the state tensors *in place* (``copy_`` / ``index_copy_``, one cache slot per
 call, like gpt-fast's KV cache): eager mode writes one slot and nothing more, compiled
 graphs keep static buffers (CUDA graphs), and ``torch.export`` functionalises the writes
 into explicit inputs/outputs.  After the user's outputs the graph returns ``skipped``
 (sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the branch was not
-computed) and ``scores`` (sites, B) f32.  The k-th call at the same timestep uses cache
-slot k; a call past K computes in full and leaves its slot invalid.
+computed), ``scores`` (sites, B) f32 and ``computed`` (sites,) f32 (the share of rows
+computed).  The k-th call at the same timestep uses cache slot k; a call past K computes
+in full and leaves its slot invalid.
 
-Per site, per sample ``b``: the deciding site of its group (``LazyConfig.granularity``)
-scores the sample (``passes/gating.py``) and ``skip_b = score_b > threshold and valid_b``
-(and ``age_b < max_age``).  The branch becomes ``cond(all(skip), reuse, cond(any(skip),
+Per decision group, per sample ``b``, once: the deciding site scores the sample
+(``passes/gating.py``) and ``skip_b = score_b > threshold and valid_b`` (and ``age_b <
+max_age``); ``all(skip)``, ``any(skip)`` and the forecast factor are computed there too, for
+every site of the group.  Each site's branch becomes ``cond(all(skip), reuse, cond(any(skip),
 mixed, compute))``; ``mixed`` computes the branch and gives the samples that skip their
 reused rows (``where``), so a sample's result never depends on its batch, while the common
 all/none cases pay for no extra copy.  ``reuse`` returns the cache (``reuse="copy"``) or
 ``cache + (cache - prev) * (t - t_fill) / (t_fill - t_prev)`` per row (``"forecast"``, a
-copy where the row has no previous output yet).  Rows that computed refill their cache;
-rows that skipped keep it and age by one.
+copy where the row has no previous output yet).  Rows that computed refill their caches;
+rows that skipped keep them.  The group's row state is written once, after its last site: a
+row that skipped stays valid and ages by one; a row that computed is valid where the values
+computed for it at *every* site of the group are finite (one fp32 sum per row and site, one
+finiteness check on their total), so a row that is non-finite at any site of its group
+recomputes the whole group at its next call (a site of its own with ``granularity="site"``).
+Every site of a group takes the same decision, so sharing valid, age and timesteps changes
+nothing else: it keeps one copy of what would be equal per site.
 """
 
 from __future__ import annotations
@@ -85,7 +97,7 @@ class _Decision:
     factor: fx.Node | None = None  # forecast factor (B,)
     rows_t: tuple = ()  # (t_fill, t_prev, has_prev) rows
     current: list[fx.Node] | None = None  # token means of Z (drift)
-    total: fx.Node | None = None  # (B,) fp32 sum of every computed value of the group so far
+    totals: list[fx.Node] = field(default_factory=list)  # per site: (B,) fp32 sum of its computed values
     masks: dict = field(default_factory=dict)  # (flags, row shape) -> mask, shared by the group's sites
     nodes: list[fx.Node] = field(default_factory=list)  # what later sites of the group must follow
 
@@ -212,11 +224,10 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
         (valid, one call older); a row that computed is valid where every value the group's
         sites computed for it is finite."""
         skip = d.skip
-        if d.total is not None:
-            finite = call(aten.eq.Scalar, call(aten.sub.Tensor, d.total, d.total), 0)  # NaN/Inf survive a sum
-            written = call(aten.logical_or.default, skip, finite)
-        else:
-            written = call(aten.ones_like.default, skip)
+        total = d.totals[0] if len(d.totals) == 1 else call(aten.sum.dim_IntList, call(aten.stack.default, d.totals),
+                                                               [0])
+        finite = call(aten.eq.Scalar, call(aten.sub.Tensor, total, total), 0)  # NaN/Inf survive a sum
+        written = call(aten.logical_or.default, skip, finite)
         if in_range is not None:
             written = call(aten.logical_and.default, written, in_range)
         if forecast:
@@ -244,13 +255,15 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             compacts = cfg.compacts(batch)
             reuse, decide_, counted = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
                                                 "compact" if compacts else "full")
-            operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, d.anyone]
-                             + ([d.factor] if forecast else []))
+            if forecast:  # this call's rows, which the writes below read too, go to the branches
+                olds, prev_rows = [row(c) for c in st.caches], [row(p) for p in st.prevs]
+                operands = tuple(m.operands + olds + prev_rows + [slot, skip, d.anyone, d.factor])
+            else:  # read inside the branch that reuses them
+                operands = tuple(m.operands + st.caches + [slot, skip, d.anyone])
             cond = call(torch.ops.higher_order.cond, d.everyone, reuse, decide_, operands)
             n_out = len(m.streams)
             outs = [call(operator.getitem, cond, j) for j in range(n_out)]
-            total = call(operator.getitem, cond, n_out)  # (B,) fp32: sum of the row's computed values
-            d.total = total if d.total is None else call(aten.add.Tensor, d.total, total)
+            d.totals.append(call(operator.getitem, cond, n_out))  # (B,) fp32: sum of the row's computed values
             computed.append(call(operator.getitem, cond, n_out + 1) if counted else None)
 
             # rows that computed refill the cache; rows that skipped keep it (with copies the
@@ -260,12 +273,12 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                 src = out if value(stream.y).dtype == value(cache).dtype else _cast(call, out, value(cache).dtype)
                 if forecast:
                     rows = value(cache).shape[1:]
-                    old = row(cache)
+                    old = olds[j]
                     # a row whose old cache is not valid (never filled, or non-finite) keeps its
                     # new output as ``prev`` too: the forecast factor is 0 then, and 0 * (c - NaN)
                     # would still be NaN
                     before = rows_where(d, valid, rows, old, src)
-                    put(st.prevs[j], rows_where(d, skip, rows, row(st.prevs[j]), before))
+                    put(st.prevs[j], rows_where(d, skip, rows, prev_rows[j], before))
                     src = rows_where(d, skip, rows, old, src)
                 put(cache, src)
             if last_site[leader] == i:
@@ -324,13 +337,16 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _row_sums(call, node, batch, dtype):
-    """(B,) fp32: the sum of every value of the sample. NaN and Inf survive a sum (and sums of
-    sums), so the group checks finiteness once, on the total over its sites; a sum that overflows
-    only makes a cache row invalid, which is safe. Rows are sample-major, so ``(B, -1)`` also
-    gathers the rows of a sample whose frames are folded into the leading dim."""
-    rows = call(aten.reshape.default, node, [batch, -1])
+def _row_sums(call, node, dims, batch, dtype):
+    """(B,) fp32: the sum of every value of the sample (``node`` has shape ``dims``). NaN and Inf
+    survive a sum (and sums of sums), so the group checks finiteness once, on the total over its
+    sites; a sum that overflows only makes a cache row invalid, which is safe. Rows are
+    sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
+    the leading dim."""
     wide = {} if dtype == torch.float32 else {"dtype": torch.float32}  # a dtype= argument copies first
+    if dims and len(dims) > 1 and dims[0] == batch:  # no reshape needed
+        return call(aten.sum.dim_IntList, node, list(range(1, len(dims))), False, **wide)
+    rows = call(aten.reshape.default, node, [batch, -1])
     return call(aten.sum.dim_IntList, rows, [1], False, **wide)
 
 
@@ -356,6 +372,11 @@ def _read(g: fx.Graph, cache: fx.Node, slot: fx.Node, dtype: torch.dtype, cache_
     if dtype == cache_dtype:
         return row
     return g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
+
+
+def _cast_in(g: fx.Graph, row: fx.Node, dtype: torch.dtype, cache_dtype: torch.dtype) -> fx.Node:
+    """A cache row (an operand) in the branch output dtype."""
+    return row if dtype == cache_dtype else g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
 
 
 def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
@@ -415,6 +436,8 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
     them back.
     """
     n_out = len(m.streams)
+    # the caches (K, rows, ...) and the slot; forecasting, this call's rows of the caches and
+    # previous outputs (rows, ...), which the state writes after the cond read anyway
     names = tuple(f"cache_{j}" for j in range(n_out))
     if forecast:
         names += tuple(f"prev_{j}" for j in range(n_out))
@@ -426,9 +449,11 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
         by_name = dict(zip(names, inputs))
         out = []
         for j, (s, d) in enumerate(zip(m.streams, dtypes)):
-            c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
+            if forecast:  # the operands are this call's rows
+                c, p = (_cast_in(g, by_name[f"{name}_{j}"], *d) for name in ("cache", "prev"))
+            else:
+                c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
             if forecast:
-                p = _read(g, by_name[f"prev_{j}"], by_name["slot"], *d)
                 f = _row_mask(_on(g), by_name["factor"], shape(s.y), batch)
                 if d[0] != torch.float32:
                     f = g.call_function(aten._to_copy.default, (f,), {"dtype": d[0]})
@@ -449,10 +474,10 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
         """Output node: F's outputs (contiguous), row sums of what the caches will hold, [share computed]."""
         outs = [_dense(g, o, s) for o, s in zip(outs, m.streams)]
         total = None
-        for o, d in zip(outs, dtypes):
+        for o, d, s in zip(outs, dtypes, m.streams):
             if d[0] != d[1]:
                 o = g.call_function(aten._to_copy.default, (o,), {"dtype": d[1]})
-            sums = _row_sums(_on(g), o, batch, d[1])
+            sums = _row_sums(_on(g), o, shape(s.y), batch, d[1])
             total = sums if total is None else g.call_function(aten.add.Tensor, (total, sums))
         if total is None:
             total = g.call_function(aten.new_zeros.default, (skip, [batch]), {"dtype": torch.float32})
@@ -653,8 +678,10 @@ def _runs_on_meta(gm, g: fx.Graph, computed, m, names, batch: int, size: int) ->
                    "skip": torch.zeros(batch, dtype=torch.bool, device="meta"),
                    "anyone": torch.zeros((), dtype=torch.bool, device="meta"),
                    "factor": torch.zeros(batch, dtype=torch.float32, device="meta")}
+        rows = "factor" in names  # forecast: the branches get this call's rows, not the state
         for j, s in enumerate(m.streams):
-            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty((1, *shape(s.y)), device="meta")
+            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty(shape(s.y) if rows else (1, *shape(s.y)),
+                                                                      device="meta")
         inputs += [by_name[name] for name in names]
         outs = fx.Interpreter(fx.GraphModule(torch.nn.Module(), check)).run(*inputs)
     except Exception as e:  # any op the gathered rows do not fit

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import lazypass
+from lazypass.config import LazyConfig
 from lazypass.runtime import NotTracedError, runtime, traced_program
 from tests.archs import ARCHS, random_gates
 
@@ -82,12 +83,16 @@ def test_a_non_finite_output_is_never_reused(bad):
     assert third.isfinite().all()
 
 
-def test_cache_dtype_overflow_is_not_reused():
+@pytest.mark.parametrize("granularity", ["site", 2, "step"])
+def test_cache_dtype_overflow_is_not_reused(granularity):
+    """A row whose cached value overflows recomputes its decision group: that site alone with
+    ``granularity="site"``, its group of two with ``2``, every site of the call with ``"step"``
+    (a group shares one row state)."""
     arch = ARCHS["vit"]
     model = arch.build()
     with torch.no_grad():
         model.blocks[0].mlp[2].weight.mul_(1e6)  # this branch's outputs exceed fp16's range
-    model = lazypass.apply(model, cache_dtype="float16")
+    model = lazypass.apply(model, cache_dtype="float16", granularity=granularity)
     lazypass.set_threshold(model, -0.5)
     with torch.no_grad():
         for seed in range(2):
@@ -97,7 +102,11 @@ def test_cache_dtype_overflow_is_not_reused():
     kinds = [s.path for s in st.sites]
     overflow = kinds.index(next(p for p in kinds if p.startswith("blocks.0.mlp")))
     assert not st.skipped[1, overflow].any()
-    others = [i for i in range(len(kinds)) if i != overflow]
+    groups = LazyConfig(granularity=granularity).group_of(len(kinds))
+    group = [i for i in range(len(kinds)) if groups[i] == groups[overflow]]
+    others = [i for i in range(len(kinds)) if i not in group]
+    assert len(group) == {"site": 1, 2: 2, "step": len(kinds)}[granularity]
+    assert not st.skipped[1, group].any()
     assert st.skipped[1, others].all()
 
 

@@ -48,7 +48,11 @@ FOLDS = 4  # folds of the cross-validation, split by sample (trajectory)
 
 @dataclass
 class RunState:
-    """Cache state of one lazy run, per site (rows of the model batch), as ``insert_gates`` keeps it."""
+    """Cache state of one lazy run, per site (rows of the model batch), as ``insert_gates`` keeps it.
+
+    ``insert_gates`` keeps valid, age and the forecast timesteps once per decision group; here
+    every site of a group holds the same values (its skip is the group's, and its valid the AND
+    over the group's sites), so the per-site layout mirrors it."""
 
     caches: list[list[Tensor]]
     prevs: list[list[Tensor]]
@@ -125,7 +129,8 @@ class LazyRun:
         dtype = self.cfg.cache_torch_dtype
         caches = [[f.to(dtype or f.dtype) for f in fs] for fs in fz]
         B = x.shape[0]  # rows of the model batch (both halves with guidance)
-        finite = torch.stack([self._finite(fs) for fs in caches])
+        finite = torch.stack([self._finite([caches[k] for k in self.unit_sites[self.units.index(lead)]])
+                              for lead in self.leaders])  # per group, as insert_gates
         tg = full.t if full.t is not None else torch.zeros(B, device=x.device)
         zeros = torch.zeros(self.n_sites, B, device=x.device)
         state = RunState(
@@ -168,13 +173,17 @@ class LazyRun:
         return out
 
     @staticmethod
-    def _finite(outs: list[Tensor]) -> Tensor:
-        ok = None
-        for o in outs:
-            B = o.shape[0]
-            f = torch.isfinite(o.reshape(B, -1).sum(1, dtype=torch.float32))
-            ok = f if ok is None else ok & f
-        return ok
+    def _finite(sites: list[list[Tensor]]) -> Tensor:
+        """(B,) bool: the group's rows are finite, checked as ``insert_gates`` does (fp32 sums per
+        row, added per site, summed over the group's sites, and the total finite)."""
+        totals = []
+        for outs in sites:
+            site = None
+            for o in outs:
+                s = o.reshape(o.shape[0], -1).sum(1, dtype=torch.float32)
+                site = s if site is None else site + s
+            totals.append(site)
+        return torch.isfinite(totals[0] if len(totals) == 1 else torch.stack(totals).sum(0))
 
     def _features(self, out, state: RunState, may: Tensor) -> Features:
         sums, ages, drifts, mays = [], [], [], []
@@ -192,11 +201,16 @@ class LazyRun:
     def _update(self, state: RunState, fz: list[list[Tensor]], out, skip: Tensor) -> None:
         t = out.t
         dtype = self.cfg.cache_torch_dtype
+        new = [[f.to(dtype or f.dtype) for f in fs] for fs in fz]
+        # a decision group shares one row state: a row is valid where every site of the group
+        # computed finite values for it (insert_gates)
+        finite = {}
+        for sites in self.unit_sites:
+            ok = self._finite([new[i] for i in sites])
+            finite.update((i, ok) for i in sites)
         for i in range(self.n_sites):
             sk = skip[i]
-            new = [f.to(dtype or f.dtype) for f in fz[i]]
-            finite = self._finite(new)
-            for j, f in enumerate(new):
+            for j, f in enumerate(new[i]):
                 old = state.caches[i][j]
                 mask = _rows(sk, old)
                 if self.forecast:  # as the inference graph: an invalid old cache is not a prev
@@ -207,7 +221,7 @@ class LazyRun:
                 state.tprev[i] = torch.where(sk, state.tprev[i], state.tfill[i])
                 state.tfill[i] = torch.where(sk, state.tfill[i], t)
                 state.hasprev[i] = torch.where(sk, state.hasprev[i], state.valid[i])
-            state.valid[i] = torch.where(sk, state.valid[i], finite)
+            state.valid[i] = torch.where(sk, state.valid[i], finite[i])
             state.age[i] = torch.where(sk, state.age[i] + 1, torch.zeros_like(state.age[i]))
         # pools: the deciding sites' token means where the row computed
         for u, sl in zip(self.units, self.unit_slices):

@@ -3,30 +3,42 @@
 After this pass the graph takes, besides the user's inputs (K = ``calls_per_step``,
 B = samples per call, all listed with their initial values in ``graph_info(gm).state_specs``),
 
-    threshold (0-d f32), last_t (B,) f32, call_index (0-d i64), and per site i:
-    valid_i (K, B) bool       the row's cache at this slot may be used
-    age_i (K, B) f32          calls at this slot since the row last computed (max_age, "age" input)
+    threshold (0-d f32), last_t (B,) f32, call_index (0-d i64);
+    per decision group, named after its deciding site l (``LazyConfig.group_of``; every site is
+    its own group with ``granularity="site"``):
+    valid_l (K, B) bool       the rows' caches at this slot may be used (every site of the group)
+    age_l (K, B) f32          calls at this slot since the row last computed (max_age, "age" input)
+    t_fill_l, t_prev_l, has_prev_l    timesteps of the last two computed outputs (forecast)
+    pool_l_j (K, B, D) f32    token mean of Z when the caches were filled ("drift" input)
+    and per site i:
     cache_i_j (K, rows, ...)  the last computed output of stream j
-    prev_i_j, t_fill_i, t_prev_i, has_prev_i    the output before it and both timesteps (forecast)
-    pool_i_j (K, B, D) f32    token mean of Z when the cache was filled (deciding sites, "drift" input)
+    prev_i_j (K, rows, ...)   the output before it (forecast)
 
 and updates the state tensors *in place* (``copy_`` / ``index_copy_``, one cache slot per
 call, like gpt-fast's KV cache): eager mode writes one slot and nothing more, compiled
 graphs keep static buffers (CUDA graphs), and ``torch.export`` functionalises the writes
 into explicit inputs/outputs.  After the user's outputs the graph returns ``skipped``
 (sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the branch was not
-computed) and ``scores`` (sites, B) f32.  The k-th call at the same timestep uses cache
-slot k; a call past K computes in full and leaves its slot invalid.
+computed), ``scores`` (sites, B) f32 and ``computed`` (sites,) f32 (the share of rows
+computed).  The k-th call at the same timestep uses cache slot k; a call past K computes
+in full and leaves its slot invalid.
 
-Per site, per sample ``b``: the deciding site of its group (``LazyConfig.granularity``)
-scores the sample (``passes/gating.py``) and ``skip_b = score_b > threshold and valid_b``
-(and ``age_b < max_age``).  The branch becomes ``cond(all(skip), reuse, cond(any(skip),
+Per decision group, per sample ``b``, once: the deciding site scores the sample
+(``passes/gating.py``) and ``skip_b = score_b > threshold and valid_b`` (and ``age_b <
+max_age``); ``all(skip)``, ``any(skip)`` and the forecast factor are computed there too, for
+every site of the group.  Each site's branch becomes ``cond(all(skip), reuse, cond(any(skip),
 mixed, compute))``; ``mixed`` computes the branch and gives the samples that skip their
 reused rows (``where``), so a sample's result never depends on its batch, while the common
 all/none cases pay for no extra copy.  ``reuse`` returns the cache (``reuse="copy"``) or
 ``cache + (cache - prev) * (t - t_fill) / (t_fill - t_prev)`` per row (``"forecast"``, a
-copy where the row has no previous output yet).  Rows that computed refill their cache;
-rows that skipped keep it and age by one.
+copy where the row has no previous output yet).  Rows that computed refill their caches;
+rows that skipped keep them.  The group's row state is written once, after its last site: a
+row that skipped stays valid and ages by one; a row that computed is valid where the values
+computed for it at *every* site of the group are finite (one fp32 sum per row and site, one
+finiteness check on their total), so a row that is non-finite at any site of its group
+recomputes the whole group at its next call (a site of its own with ``granularity="site"``).
+Every site of a group takes the same decision, so sharing valid, age and timesteps changes
+nothing else: it keeps one copy of what would be equal per site.
 """
 
 from __future__ import annotations
@@ -48,20 +60,46 @@ from lazypass.passes.info import graph_info
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 SLOT = "lazy_slot"  # node.meta key of the node that holds this call's cache slot (the eager twin reads it)
+FLAGS = "lazy_flags"  # on a group's (B,) skip: its (all, any) and the rows' valid flags (read on the host by the eager twin)
+ROWS = "lazy_rows"  # on where(mask of flags, a, b): the (B,) flags; a if all are set, b if none is
 
 
 @dataclass
 class _SiteState:
-    """The state inputs of one site (None where the options need none)."""
+    """The cache inputs of one site (``prevs`` only when forecasting)."""
+
+    caches: list[fx.Node]
+    prevs: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class _GroupState:
+    """The row state of one decision group, kept by its deciding site (None where the options need none)."""
 
     valid: fx.Node
-    caches: list[fx.Node]
     age: fx.Node | None = None
-    prevs: list[fx.Node] = field(default_factory=list)
     t_fill: fx.Node | None = None
     t_prev: fx.Node | None = None
     has_prev: fx.Node | None = None
     pools: list[fx.Node] = field(default_factory=list)
+
+
+@dataclass
+class _Decision:
+    """What the deciding site of a group computed for every site of the group (this call's rows)."""
+
+    valid: fx.Node  # (B,) the rows' caches may be used
+    skip: fx.Node  # (B,) the rows skip every site of the group
+    everyone: fx.Node  # 0-d
+    anyone: fx.Node  # 0-d
+    logit: fx.Node
+    age: fx.Node | None = None
+    factor: fx.Node | None = None  # forecast factor (B,)
+    rows_t: tuple = ()  # (t_fill, t_prev, has_prev) rows
+    current: list[fx.Node] | None = None  # token means of Z (drift)
+    totals: list[fx.Node] = field(default_factory=list)  # per site: (B,) fp32 sum of its computed values
+    masks: dict = field(default_factory=dict)  # (flags, row shape) -> mask, shared by the group's sites
+    nodes: list[fx.Node] = field(default_factory=list)  # what later sites of the group must follow
 
 
 def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
@@ -78,13 +116,14 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
         log.info("insert_gates: no timestep input, so reuse='forecast' falls back to copies")
     use_age, use_drift = "age" in cfg.gate_inputs, "drift" in cfg.gate_inputs
     leaders = cfg.group_of(len(matches))
+    last_site = {lead: i for i, lead in enumerate(leaders)}  # the last site of each group
 
     output, outputs = user_outputs(graph)
     state_input, specs = graph_inputs(graph)
     threshold = state_input("lazy_threshold", (), torch.float32)
     last_t = state_input("lazy_last_t", (batch,), torch.float32, math.inf)
     call_index = state_input("lazy_call_index", (), torch.int64)
-    states = []
+    states, groups = [], {}
 
     def site_input(i, name, shape, dtype, fill=0.0):
         return state_input(name, shape, dtype, fill, site=i)
@@ -92,20 +131,22 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     for i, m in enumerate(matches):
         ys = [value(s.y) for s in m.streams]
         dtypes = [cfg.cache_torch_dtype or y.dtype for y in ys]
-        st = _SiteState(
-            site_input(i, f"lazy_valid_{i}", (K, batch), torch.bool),
-            [site_input(i, f"lazy_cache_{i}_{j}", (K, *y.shape), d) for j, (y, d) in enumerate(zip(ys, dtypes))],
-        )
-        if cfg.max_age is not None or (use_age and leaders[i] == i):
-            st.age = site_input(i, f"lazy_age_{i}", (K, batch), torch.float32)
+        if leaders[i] == i:
+            gs = _GroupState(site_input(i, f"lazy_valid_{i}", (K, batch), torch.bool))
+            if cfg.max_age is not None or use_age:
+                gs.age = site_input(i, f"lazy_age_{i}", (K, batch), torch.float32)
+            if forecast:
+                gs.t_fill = site_input(i, f"lazy_t_fill_{i}", (K, batch), torch.float32)
+                gs.t_prev = site_input(i, f"lazy_t_prev_{i}", (K, batch), torch.float32)
+                gs.has_prev = site_input(i, f"lazy_has_prev_{i}", (K, batch), torch.bool)
+            if use_drift:
+                gs.pools = [site_input(i, f"lazy_pool_{i}_{j}", (K, batch, shape(s.z)[-1]), torch.float32)
+                            for j, s in enumerate(m.streams)]
+            groups[i] = gs
+        st = _SiteState([site_input(i, f"lazy_cache_{i}_{j}", (K, *y.shape), d)
+                         for j, (y, d) in enumerate(zip(ys, dtypes))])
         if forecast:
             st.prevs = [site_input(i, f"lazy_prev_{i}_{j}", (K, *y.shape), d) for j, (y, d) in enumerate(zip(ys, dtypes))]
-            st.t_fill = site_input(i, f"lazy_t_fill_{i}", (K, batch), torch.float32)
-            st.t_prev = site_input(i, f"lazy_t_prev_{i}", (K, batch), torch.float32)
-            st.has_prev = site_input(i, f"lazy_has_prev_{i}", (K, batch), torch.bool)
-        if use_drift and leaders[i] == i:
-            st.pools = [site_input(i, f"lazy_pool_{i}_{j}", (K, batch, shape(s.z)[-1]), torch.float32)
-                        for j, s in enumerate(m.streams)]
         states.append(st)
 
     # Step bookkeeping, right after the inputs: which cache slot this call uses, and
@@ -139,48 +180,91 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
     def put(state, new):
         call(aten.index_copy_.default, state, 0, slot, call(aten.unsqueeze.default, new, 0))
 
+    def rows_where(d, flags, row_shape, a, b):
+        """``where(flags per row, a, b)`` over a site's rows; the eager twin skips it when the flags
+        are all equal (``ROWS``), which the common calls are (no row or every row skips)."""
+        key = (flags, tuple(row_shape))
+        if key not in d.masks:
+            d.masks[key] = _row_mask(call, flags, row_shape, batch)
+        out = call(aten.where.self, d.masks[key], a, b)
+        out.meta[ROWS] = flags
+        return out
+
+    def decide(i, m, gs):
+        """The group's decision and row state, once, at its deciding site."""
+        if not_new is not None:
+            call(aten.logical_and_.default, gs.valid, not_new)
+        valid = row(gs.valid)
+        may = valid if in_range is None else call(aten.logical_and.default, valid, in_range)
+        age = row(gs.age) if gs.age is not None else None
+        if cfg.max_age is not None:
+            may = call(aten.logical_and.default, may, call(aten.lt.Scalar, age, cfg.max_age))
+        sums = token_sums(call, m, batch, sync)
+        drift = current = None
+        if gs.pools:
+            current = means(call, sums)
+            drift = drift_of(call, current, [row(p) for p in gs.pools], valid)
+        logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift)
+        skip = call(aten.logical_and.default, call(aten.gt.Tensor, logit, bar), may)
+        if sync is not None:  # a sample skips only where every rank may skip it
+            flags = call(aten._to_copy.default, skip, dtype=torch.int32)
+            skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
+        everyone = call(aten.all.default, skip)
+        anyone = call(aten.any.default, skip)
+        skip.meta[FLAGS] = (everyone, anyone, valid)  # the eager twin reads these on the host, once per group
+        d = _Decision(valid, skip, everyone, anyone, logit, age=age, current=current)
+        if forecast:
+            d.rows_t = (row(gs.t_fill), row(gs.t_prev), row(gs.has_prev))
+            d.factor = forecast_factor(call, t, *d.rows_t)
+        d.nodes = [skip, everyone, anyone] + ([d.factor] if d.factor is not None else [])
+        return d
+
+    def write_group(gs, d):
+        """The group's row state, once, after its last site: a row that skipped keeps its caches
+        (valid, one call older); a row that computed is valid where every value the group's
+        sites computed for it is finite."""
+        skip = d.skip
+        total = d.totals[0] if len(d.totals) == 1 else call(aten.sum.dim_IntList, call(aten.stack.default, d.totals),
+                                                               [0])
+        finite = call(aten.eq.Scalar, call(aten.sub.Tensor, total, total), 0)  # NaN/Inf survive a sum
+        written = call(aten.logical_or.default, skip, finite)
+        if in_range is not None:
+            written = call(aten.logical_and.default, written, in_range)
+        if forecast:
+            t_fill, t_prev, has_prev = d.rows_t
+            put(gs.t_prev, rows_where(d, skip, (batch,), t_prev, t_fill))
+            put(gs.t_fill, rows_where(d, skip, (batch,), t_fill, t))
+            put(gs.has_prev, _choose(call, skip, has_prev, d.valid))
+        put(gs.valid, written)
+        if gs.age is not None:
+            put(gs.age, call(aten.where.ScalarOther, skip, call(aten.add.Tensor, d.age, 1), 0.0))
+        for pool, mean in zip(gs.pools, d.current or []):
+            put(pool, rows_where(d, skip, (batch, 1), row(pool), mean))
+
     skipped, saved, scores, computed, decided = [], [], [], [], {}
     for i, (m, st) in enumerate(zip(matches, states)):
         leader = leaders[i]
         # after the step bookkeeping too: a site may read only graph inputs (StableAudio);
         # a site that follows its group's decision comes after that decision
-        after = [s.z for s in m.streams] + m.operands + [slot] + ([decided[leader][1]] if leader != i else [])
+        after = [s.z for s in m.streams] + m.operands + [slot] + (decided[leader].nodes if leader != i else [])
         with inserting_after(graph, max(after, key=_position(graph))):
-            if not_new is not None:
-                call(aten.logical_and_.default, st.valid, not_new)
-            valid = row(st.valid)
-            may = valid if in_range is None else call(aten.logical_and.default, valid, in_range)
-            age = row(st.age) if st.age is not None else None
-            if cfg.max_age is not None:
-                may = call(aten.logical_and.default, may, call(aten.lt.Scalar, age, cfg.max_age))
-            current = None
             if leader == i:
-                sums = token_sums(call, m, batch, sync)
-                drift = None
-                if st.pools:
-                    current = means(call, sums)
-                    drift = drift_of(call, current, [row(p) for p in st.pools], valid)
-                logit = gate_logit(call, gm, gates, i, sums, age if use_age else None, drift)
-                decided[i] = (logit, call(aten.gt.Tensor, logit, bar))
-            score, want = decided[leader]
-            skip = call(aten.logical_and.default, want, may)
-            if sync is not None:  # a sample skips only where every rank may skip it
-                flags = call(aten._to_copy.default, skip, dtype=torch.int32)
-                skip = call(aten._to_copy.default, all_reduce(call, flags, "min", sync[1]), dtype=torch.bool)
-            everyone = call(aten.all.default, skip)
-            anyone = call(aten.any.default, skip)
-            extra = []
-            if forecast:
-                t_fill, t_prev, has_prev = row(st.t_fill), row(st.t_prev), row(st.has_prev)
-                extra = [forecast_factor(call, t, t_fill, t_prev, has_prev)]
-            reuse, decide = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
-                                      "compact" if cfg.compacts(batch) else "full")
-            operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, anyone] + extra)
-            cond = call(torch.ops.higher_order.cond, everyone, reuse, decide, operands)
+                decided[i] = decide(i, m, groups[i])
+            d = decided[leader]
+            skip, valid = d.skip, d.valid
+            compacts = cfg.compacts(batch)
+            reuse, decide_, counted = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
+                                                "compact" if compacts else "full")
+            if forecast:  # this call's rows, which the writes below read too, go to the branches
+                olds, prev_rows = [row(c) for c in st.caches], [row(p) for p in st.prevs]
+                operands = tuple(m.operands + olds + prev_rows + [slot, skip, d.anyone, d.factor])
+            else:  # read inside the branch that reuses them
+                operands = tuple(m.operands + st.caches + [slot, skip, d.anyone])
+            cond = call(torch.ops.higher_order.cond, d.everyone, reuse, decide_, operands)
             n_out = len(m.streams)
             outs = [call(operator.getitem, cond, j) for j in range(n_out)]
-            finite = call(operator.getitem, cond, n_out)  # (B,): the row's computed output is finite
-            computed.append(call(operator.getitem, cond, n_out + 1))  # 0-d: share of rows computed
+            d.totals.append(call(operator.getitem, cond, n_out))  # (B,) fp32: sum of the row's computed values
+            computed.append(call(operator.getitem, cond, n_out + 1) if counted else None)
 
             # rows that computed refill the cache; rows that skipped keep it (with copies the
             # output of a skipped row is its cache, so the plain write leaves it unchanged, and the
@@ -188,47 +272,41 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             for j, (cache, out, stream) in enumerate(zip(st.caches, outs, m.streams)):
                 src = out if value(stream.y).dtype == value(cache).dtype else _cast(call, out, value(cache).dtype)
                 if forecast:
-                    mask = _row_mask(call, skip, value(cache).shape[1:], batch)
-                    old = row(cache)
+                    rows = value(cache).shape[1:]
+                    old = olds[j]
                     # a row whose old cache is not valid (never filled, or non-finite) keeps its
                     # new output as ``prev`` too: the forecast factor is 0 then, and 0 * (c - NaN)
                     # would still be NaN
-                    fresh = _row_mask(call, valid, value(cache).shape[1:], batch)
-                    before = call(aten.where.self, fresh, old, src)
-                    put(st.prevs[j], call(aten.where.self, mask, row(st.prevs[j]), before))
-                    src = call(aten.where.self, mask, old, src)
+                    before = rows_where(d, valid, rows, old, src)
+                    put(st.prevs[j], rows_where(d, skip, rows, prev_rows[j], before))
+                    src = rows_where(d, skip, rows, old, src)
                 put(cache, src)
-            # a row skips only where its cache is valid (skip implies may), so it stays valid; a
-            # row that computed is valid where its output is finite
-            written = call(aten.logical_or.default, skip, finite)
-            if in_range is not None:
-                written = call(aten.logical_and.default, written, in_range)
-            if forecast:
-                put(st.t_prev, call(aten.where.self, skip, t_prev, t_fill))
-                put(st.t_fill, call(aten.where.self, skip, t_fill, t))
-                put(st.has_prev, _choose(call, skip, has_prev, valid))
-            put(st.valid, written)
-            if st.age is not None:
-                put(st.age, call(aten.where.ScalarOther, skip, call(aten.add.Tensor, age, 1), 0.0))
-            for pool, mean in zip(st.pools, current or []):
-                put(pool, call(aten.where.self, call(aten.unsqueeze.default, skip, 1), row(pool), mean))
+            if last_site[leader] == i:
+                write_group(groups[leader], d)
         for out, s in zip(outs, m.streams):
             out.meta["val"] = _dense_value(value(s.y))
             s.y.replace_all_uses_with(out, delete_user_cb=lambda u: u not in m.nodes)
         for n in reversed(m.nodes):
             graph.erase_node(n)
         skipped.append(skip)
-        saved.append(everyone)
-        scores.append(score)
+        saved.append(d.everyone)
+        scores.append(d.logit)
 
     with graph.inserting_before(output):
-        records = [call(aten.stack.default, r) for r in (skipped, saved, scores, computed)]
+        records = [call(aten.stack.default, r) for r in (skipped, saved, scores)]
         records[2] = call(aten.sigmoid.default, records[2])  # logits -> scores, once per call
+        # a branch that does not compact computes every row or none
+        whole = call(aten.rsub.Scalar, call(aten._to_copy.default, records[1], dtype=torch.float32), 1)
+        if all(c is None for c in computed):
+            records.append(whole)
+        else:
+            records.append(call(aten.stack.default, [call(aten.select.int, whole, 0, k) if c is None else c
+                                                     for k, c in enumerate(computed)]))
     output.args = (tuple(outputs) + tuple(records),)
     info.state_specs = specs
     info.n_user_outputs = len(outputs)
     graph.lint()
-    log.info("insert_gates: %d conditionals", len(matches))
+    log.info("insert_gates: %d conditionals in %d decision groups", len(matches), len(groups))
     return gm
 
 
@@ -259,16 +337,17 @@ def _cast(call, node, dtype):
     return call(aten._to_copy.default, node, dtype=dtype)
 
 
-def _finite_rows(call, node, batch, dtype):
-    """(B,) bool: every value of the sample is finite. One fp32 sum per sample: NaN and Inf survive
-    a sum, and a sum that overflows only makes a cache row invalid, which is safe. Rows are
+def _row_sums(call, node, dims, batch, dtype):
+    """(B,) fp32: the sum of every value of the sample (``node`` has shape ``dims``). NaN and Inf
+    survive a sum (and sums of sums), so the group checks finiteness once, on the total over its
+    sites; a sum that overflows only makes a cache row invalid, which is safe. Rows are
     sample-major, so ``(B, -1)`` also gathers the rows of a sample whose frames are folded into
     the leading dim."""
-    rows = call(aten.reshape.default, node, [batch, -1])
     wide = {} if dtype == torch.float32 else {"dtype": torch.float32}  # a dtype= argument copies first
-    total = call(aten.sum.dim_IntList, rows, [1], False, **wide)
-    # s - s is 0 exactly when s is finite: two ops, where isfinite decomposes into four
-    return call(aten.eq.Scalar, call(aten.sub.Tensor, total, total), 0)
+    if dims and len(dims) > 1 and dims[0] == batch:  # no reshape needed
+        return call(aten.sum.dim_IntList, node, list(range(1, len(dims))), False, **wide)
+    rows = call(aten.reshape.default, node, [batch, -1])
+    return call(aten.sum.dim_IntList, rows, [1], False, **wide)
 
 
 def branch_graph(m, extra: tuple[str, ...] = ()) -> tuple[fx.Graph, list[fx.Node], list[fx.Node]]:
@@ -293,6 +372,11 @@ def _read(g: fx.Graph, cache: fx.Node, slot: fx.Node, dtype: torch.dtype, cache_
     if dtype == cache_dtype:
         return row
     return g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
+
+
+def _cast_in(g: fx.Graph, row: fx.Node, dtype: torch.dtype, cache_dtype: torch.dtype) -> fx.Node:
+    """A cache row (an operand) in the branch output dtype."""
+    return row if dtype == cache_dtype else g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
 
 
 def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
@@ -340,15 +424,20 @@ def _dense_value(v):
 
 
 def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str = "full"):
-    """``reuse`` and ``decide`` graphs; ``decide`` is cond(any(skip), mixed, compute).
+    """``reuse`` and ``decide`` graphs (``decide`` is cond(any(skip), mixed, compute)), and whether
+    they also return the share of rows computed.
 
-    Every branch returns F's outputs, then ``finite`` (B,) bool (the row's output is finite;
-    only read for rows that computed) and ``computed`` (0-d f32, the share of rows computed).
-    With ``batch_compute="compact"``, ``mixed`` is a chain of conditionals over bucket sizes
-    (``buckets``): the smallest bucket that holds the rows that compute gathers those rows
-    (padded with skipping rows), runs F on them alone and scatters them back.
+    Every branch returns F's outputs, then ``total`` (B,) fp32, the sum of every value the row
+    computed, in the cache dtype (0 for rows that reused; only read for rows that computed), and,
+    where the site compacts, ``computed`` (0-d f32, the share of rows computed; otherwise it is 1
+    or 0, known from the decision). With ``batch_compute="compact"``, ``mixed`` is a chain of
+    conditionals over bucket sizes (``buckets``): the smallest bucket that holds the rows that
+    compute gathers those rows (padded with skipping rows), runs F on them alone and scatters
+    them back.
     """
     n_out = len(m.streams)
+    # the caches (K, rows, ...) and the slot; forecasting, this call's rows of the caches and
+    # previous outputs (rows, ...), which the state writes after the cond read anyway
     names = tuple(f"cache_{j}" for j in range(n_out))
     if forecast:
         names += tuple(f"prev_{j}" for j in range(n_out))
@@ -360,39 +449,60 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
         by_name = dict(zip(names, inputs))
         out = []
         for j, (s, d) in enumerate(zip(m.streams, dtypes)):
-            c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
+            if forecast:  # the operands are this call's rows
+                c, p = (_cast_in(g, by_name[f"{name}_{j}"], *d) for name in ("cache", "prev"))
+            else:
+                c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
             if forecast:
-                p = _read(g, by_name[f"prev_{j}"], by_name["slot"], *d)
                 f = _row_mask(_on(g), by_name["factor"], shape(s.y), batch)
-                f = g.call_function(aten._to_copy.default, (f,), {"dtype": d[0]})
+                if d[0] != torch.float32:
+                    f = g.call_function(aten._to_copy.default, (f,), {"dtype": d[0]})
                 slope = g.call_function(aten.sub.Tensor, (c, p))
                 c = g.call_function(aten.add.Tensor, (c, g.call_function(aten.mul.Tensor, (slope, f))))
             out.append(c)
         return out
 
+    sizes = buckets(batch) if batch_compute == "compact" else []
+    batched = _batched_nodes(gm.graph, batch) if sizes else set()
+    pending = [(n, _compact_graph(gm, m, names, batch, n, reused, batched)) for n in sizes]
+    pending = [(n, p) for n, p in pending if p is not None]
+    if sizes and not pending:
+        log.info("insert_gates: site %d computes whole batches (its branch does not take a subset of rows)", i)
+    counted = bool(pending)
+
     def finish(g, outs, skip, rows: float | fx.Node):
-        """Output node: F's outputs (contiguous), finite rows of what the caches will hold, share computed."""
+        """Output node: F's outputs (contiguous), row sums of what the caches will hold, [share computed]."""
         outs = [_dense(g, o, s) for o, s in zip(outs, m.streams)]
-        finite = None
-        for o, d in zip(outs, dtypes):
+        total = None
+        for o, d, s in zip(outs, dtypes, m.streams):
             if d[0] != d[1]:
                 o = g.call_function(aten._to_copy.default, (o,), {"dtype": d[1]})
-            ok = _finite_rows(_on(g), o, batch, d[1])
-            finite = ok if finite is None else g.call_function(aten.logical_and.default, (finite, ok))
-        if finite is None:
-            finite = g.call_function(aten.ones_like.default, (skip,))
-        if not isinstance(rows, fx.Node):
-            rows = g.call_function(aten.new_full.default, (skip, [], rows), {"dtype": torch.float32})
-        g.output(tuple(outs) + (finite, rows))
+            sums = _row_sums(_on(g), o, shape(s.y), batch, d[1])
+            total = sums if total is None else g.call_function(aten.add.Tensor, (total, sums))
+        if total is None:
+            total = g.call_function(aten.new_zeros.default, (skip, [batch]), {"dtype": torch.float32})
+        extra = (total,)
+        if counted:
+            if not isinstance(rows, fx.Node):
+                rows = g.call_function(aten.new_full.default, (skip, [], rows), {"dtype": torch.float32})
+            extra += (rows,)
+        g.output(tuple(outs) + extra)
+
+    compact = []
+    for n, (g, outs, skip) in pending:  # their output nodes, now that ``finish`` knows what to return
+        finish(g, outs, skip, n / batch)
+        compact.append((n, g))
 
     reuse = fx.Graph()
     for k in range(len(m.operands)):
         reuse.placeholder(f"operand_{k}")
     inputs = [reuse.placeholder(name) for name in names]
     skip = inputs[names.index("skip")]
-    reuse.output(tuple(reused(reuse, inputs)) + (reuse.call_function(aten.ones_like.default, (skip,)),
-                                                  reuse.call_function(aten.new_zeros.default, (skip, []),
-                                                                      {"dtype": torch.float32})))
+    extra = (reuse.call_function(aten.new_zeros.default, (skip, [batch]), {"dtype": torch.float32}),)
+    if counted:
+        extra += (reuse.call_function(aten.new_zeros.default, (skip, []), {"dtype": torch.float32}),)
+    reuse.output(tuple(reused(reuse, inputs)) + extra)
+    n_ret = n_out + len(extra)
 
     compute, extras, outs = branch_graph(m, names)
     finish(compute, _unaliased(compute, outs), extras[names.index("skip")], 1.0)
@@ -408,25 +518,18 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
         return g
 
     mixed = mixed_full()
-    sizes = buckets(batch) if batch_compute == "compact" else []
-    batched = _batched_nodes(gm.graph, batch)
-    compact = [(n, _compact_graph(gm, m, names, batch, n, reused, finish, batched, dtypes)) for n in sizes]
-    compact = [(n, g) for n, g in compact if g is not None]
-    if sizes and not compact:
-        log.info("insert_gates: site %d computes whole batches (its branch does not take a subset of rows)", i)
-
     decide_module = torch.nn.Module()
     decide_module.compute = fx.GraphModule(torch.nn.Module(), compute)
-    decide_module.mixed = _bucket_chain(compact, fx.GraphModule(torch.nn.Module(), mixed), m, names, batch)
+    decide_module.mixed = _bucket_chain(compact, fx.GraphModule(torch.nn.Module(), mixed), m, names, batch, n_ret)
     decide = fx.Graph()
     inputs = [decide.placeholder(f"operand_{k}") for k in range(len(m.operands))]
     inputs += [decide.placeholder(name) for name in names]
     anyone = inputs[len(m.operands) + names.index("anyone")]
     inner = decide.call_function(torch.ops.higher_order.cond, (anyone, decide.get_attr("mixed"),
                                                                 decide.get_attr("compute"), tuple(inputs)))
-    decide.output(tuple(decide.call_function(operator.getitem, (inner, j)) for j in range(n_out + 2)))
+    decide.output(tuple(decide.call_function(operator.getitem, (inner, j)) for j in range(n_ret)))
     setattr(gm, f"lazy_site_{i}_decide", fx.GraphModule(decide_module, decide))
-    return _module(gm, f"lazy_site_{i}_reuse", reuse), gm.graph.get_attr(f"lazy_site_{i}_decide")
+    return _module(gm, f"lazy_site_{i}_reuse", reuse), gm.graph.get_attr(f"lazy_site_{i}_decide"), counted
 
 
 def buckets(batch: int) -> list[int]:
@@ -443,12 +546,12 @@ def _on(g: fx.Graph):
     return lambda target, *args, **kwargs: g.call_function(target, args, kwargs)
 
 
-def _bucket_chain(compact, full: fx.GraphModule, m, names, batch: int) -> fx.GraphModule:
+def _bucket_chain(compact, full: fx.GraphModule, m, names, batch: int, n_ret: int) -> fx.GraphModule:
     """``cond(n <= b1, rows_b1, cond(n <= b2, rows_b2, ... full))`` over the rows that compute."""
     if not compact:
         return full
     (size, graph), rest = compact[0], compact[1:]
-    other = _bucket_chain(rest, full, m, names, batch)
+    other = _bucket_chain(rest, full, m, names, batch, n_ret)
     g = fx.Graph()
     inputs = [g.placeholder(f"operand_{k}") for k in range(len(m.operands))]
     inputs += [g.placeholder(name) for name in names]
@@ -460,14 +563,15 @@ def _bucket_chain(compact, full: fx.GraphModule, m, names, batch: int) -> fx.Gra
     holder.rows = fx.GraphModule(torch.nn.Module(), graph)
     holder.other = other
     inner = g.call_function(torch.ops.higher_order.cond, (pred, g.get_attr("rows"), g.get_attr("other"), tuple(inputs)))
-    g.output(tuple(g.call_function(operator.getitem, (inner, j)) for j in range(len(m.streams) + 2)))
+    g.output(tuple(g.call_function(operator.getitem, (inner, j)) for j in range(n_ret)))
     return fx.GraphModule(holder, g)
 
 
-def _compact_graph(gm, m, names, batch: int, size: int, reused, finish, batched, dtypes) -> fx.Graph | None:
-    """F on ``size`` rows: those that compute first, padded with rows
-    that skip; their outputs are scattered over the reused rows. None where F's graph does not
-    run on a subset of rows (checked on meta tensors)."""
+def _compact_graph(gm, m, names, batch: int, size: int, reused, batched):
+    """F on ``size`` rows: those that compute first, padded with rows that skip; their outputs are
+    scattered over the reused rows. Returns the graph (no output node yet), its outputs and its
+    ``skip`` input, or None where F's graph does not run on a subset of rows (checked on meta
+    tensors)."""
     g = fx.Graph()
     ops = [g.placeholder(f"operand_{k}") for k in range(len(m.operands))]
     extras = [g.placeholder(name) for name in names]
@@ -512,8 +616,7 @@ def _compact_graph(gm, m, names, batch: int, size: int, reused, finish, batched,
         full = call(aten.index_copy.default, old, 0, idx, env[s.y])
         mask = _row_mask(call, skip, dims, batch)
         outs.append(call(aten.where.self, mask, old, full))
-    finish(g, outs, skip, size / batch)
-    return g
+    return g, outs, skip
 
 
 _SIZED = {aten.view.default: 1, aten.reshape.default: 1, aten._unsafe_view.default: 1, aten.expand.default: 1,
@@ -575,8 +678,10 @@ def _runs_on_meta(gm, g: fx.Graph, computed, m, names, batch: int, size: int) ->
                    "skip": torch.zeros(batch, dtype=torch.bool, device="meta"),
                    "anyone": torch.zeros((), dtype=torch.bool, device="meta"),
                    "factor": torch.zeros(batch, dtype=torch.float32, device="meta")}
+        rows = "factor" in names  # forecast: the branches get this call's rows, not the state
         for j, s in enumerate(m.streams):
-            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty((1, *shape(s.y)), device="meta")
+            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty(shape(s.y) if rows else (1, *shape(s.y)),
+                                                                      device="meta")
         inputs += [by_name[name] for name in names]
         outs = fx.Interpreter(fx.GraphModule(torch.nn.Module(), check)).run(*inputs)
     except Exception as e:  # any op the gathered rows do not fit

@@ -6,6 +6,7 @@ branch inputs the hooks record.
 """
 
 import copy
+import math
 
 import pytest
 import torch
@@ -164,3 +165,72 @@ def test_gate_reads_age_and_drift_as_documented():
             pool[i] = torch.where(skip[:, None], pool[i], mean)
             valid[i] = True
     assert z_dim == z[0].shape[-1]
+
+
+def _dispatched(fn) -> tuple[int, int]:
+    """(aten ops dispatched, bytes written by copies into existing tensors) while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        ops = written = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.ops += 1
+            if func is torch.ops.aten.copy_.default:
+                Count.written += args[0].numel() * args[0].element_size()
+            return func(*args, **(kwargs or {}))
+
+    with Count(), torch.no_grad():
+        fn()
+    return Count.ops, Count.written
+
+
+@pytest.mark.parametrize("reuse", ["forecast", "copy"])
+def test_eager_bookkeeping_is_a_few_ops_per_site_and_one_write_per_computed_output(reuse):
+    """Op-count ceilings of the eager program (not timings): a call where nothing skips costs the
+    original's ops plus a few per site (the group's decision and state are paid once per call with
+    the default granularity="step"), and writes each computed output once into its cache (and the
+    cache into ``prev`` when forecasting); a call where every site skips dispatches fewer ops than
+    the original and copies no cached output."""
+    arch = ARCHS["ref_dit"]
+    ref = arch.build()
+    model = lazypass.apply(copy.deepcopy(ref), reuse=reuse)
+    sites = len(arch.branches)
+    args, kwargs = arch.inputs(2, TIMESTEPS[0], 0)
+    out_bytes = sum(s.out_shapes[0][0] and math.prod(s.out_shapes[0]) * 4 for s in
+                    lazypass.report(model, *args, print_table=False, **kwargs))
+    calls = iter(range(1, 100))
+
+    def run(m, threshold=None):
+        if threshold is not None:
+            lazypass.set_threshold(m, threshold)
+        a, k = arch.inputs(2, 999 - next(calls), 0)
+        return lambda: m(*a, **k)
+
+    for _ in range(2):
+        run(model, 1.5)()  # caches valid, two computed outputs (forecast)
+    original, _ = _dispatched(run(ref))
+    never, never_bytes = _dispatched(run(model, 1.5))
+    always, always_bytes = _dispatched(run(model, -0.5))
+    # threshold, slot, timestep; the gate, its host read, the group's state; the records
+    per_call = 120
+    assert never - original <= per_call + 8 * sites, (never, original)
+    assert always < never and always - original <= per_call + 6 * sites, (always, original)
+    copies = 2 if reuse == "forecast" else 1
+    small = 4096  # per-row state: flags, ages, timesteps, token means
+    assert out_bytes * copies <= never_bytes <= out_bytes * copies + small
+    assert always_bytes <= small
+
+
+@pytest.mark.parametrize("granularity,groups", [("step", 1), (2, 2), ("site", 4)])
+def test_a_decision_group_keeps_one_row_state(granularity, groups):
+    """Valid flags, ages and forecast timesteps are kept once per decision group (at its deciding
+    site); caches and previous outputs once per site."""
+    arch = ARCHS["ref_dit"]
+    model = lazypass.apply(arch.build(), granularity=granularity, max_age=3)
+    lazypass.trace(model, *arch.inputs(2, TIMESTEPS[0], 0)[0])
+    names = [s.name for s in lazypass.runtime.traced_program(model).state_specs]
+    for kind in ("valid", "age", "t_fill", "t_prev", "has_prev"):
+        assert len([n for n in names if n.startswith(f"lazy_{kind}_")]) == groups, kind
+    assert len([n for n in names if n.startswith("lazy_cache_")]) == len(arch.branches)
+    assert len([n for n in names if n.startswith("lazy_prev_")]) == len(arch.branches)

@@ -4,6 +4,13 @@
     PYTHONPATH=$PWD python benchmarks/peers.py --quick          # 64 samples, one setting per method: 148 s of CPU
     PYTHONPATH=$PWD python benchmarks/peers.py --from-json a/peers/results.json b/peers/results.json  # rewrite, merged
     PYTHONPATH=$PWD python benchmarks/peers.py --models flow --threads 1 --note "busy machine"
+    PYTHONPATH=$PWD python benchmarks/peers.py --quality-from docs/peers/results.json  # latency + correctness only
+
+The run has two parts. The quality part (FD, PSNR and executed MACs of every setting at 1,000
+samples) does not depend on the machine's load; latency does. ``--quality-from`` reads the first
+from an earlier results.json (refused unless it has the same models, sweeps, samples, seeds and
+weights, the same gate files by content and the same settings) and measures only latency and the
+correctness checks, so the quality part can run on a busy machine and the rest on a quiet one.
 
 Two digits models, both in diffusers format, each sampled the way its pipeline would:
 

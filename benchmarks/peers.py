@@ -11,6 +11,8 @@ samples) does not depend on the machine's load; latency does. ``--quality-from``
 from an earlier results.json (refused unless it has the same models, sweeps, samples, seeds and
 weights, the same gate files by content and the same settings) and measures only latency and the
 correctness checks, so the quality part can run on a busy machine and the rest on a quiet one.
+With ``--no-compile`` as well, the torch.compile / torch.export results are kept from the earlier
+run (they do not depend on load either) and only latency and *batch vs one* are measured.
 
 Two digits models, both in diffusers format, each sampled the way its pipeline would:
 
@@ -1131,6 +1133,9 @@ def markdown(results: dict, meta: dict) -> str:
                      _export_text(c["export"])] for c in res["correctness"]]  # fmt: skip
             lines.append(tabulate(body, headers=["method", "setting", "batch vs one", "torch.compile", "torch.export"],
                                   tablefmt="github"))  # fmt: skip
+            if any(c.get("checks_from") for c in res["correctness"]):
+                lines += ["", "The torch.compile and torch.export columns are from the run that measured FD / PSNR / "
+                          "MACs (`--quality-from` with `--no-compile`); *batch vs one* was measured again."]
             lines.append("")
     lines += ["## Headline", "", "```", meta["headline"], "```", ""]
     return "\n".join(lines)
@@ -1175,12 +1180,15 @@ def plots(results: dict, out: Path, note: str) -> None:
         for i, (key, scale, xlabel, suffix) in enumerate(rows):
             for ax, name in zip(axes[i], names):
                 _curves(ax, results[name], key, scale)
+                if not ax.lines[:-1]:  # only the full-compute line: nothing measured (latency skipped)
+                    ax.text(0.5, 0.5, "not measured in this run", transform=ax.transAxes, ha="center", color="0.4")
                 if key == "fraction":
                     for b in BUDGETS:
                         ax.axvline(100 * b, color="0.7", lw=0.8, ls="--")
                 ax.set_xlabel(xlabel)
                 ax.set_title(results[name]["title"] + suffix, fontsize=10)
-        axes[0][-1].legend(fontsize=7, loc="upper right")
+        if axes[0][-1].lines[:-1]:
+            axes[0][-1].legend(fontsize=7, loc="upper right")
         if note:
             fig.suptitle(textwrap.fill(note, 180), fontsize=8)
         fig.tight_layout()
@@ -1237,6 +1245,12 @@ def run_model(spec: Spec, args, classifier, real_stats, log, saved: dict | None 
         log(f"  latency measured in {stages['latency']:.0f} s")
     with stage("correctness checks"):
         checks = correctness(rows, spec, noise, labels, args, log)
+    if saved is not None and not args.compile:  # compile / export results do not depend on load: keep the earlier
+        before = {(c["method"], c["setting"]): c for c in saved["correctness"]}
+        for c in checks:
+            old = before.get((c["method"], c["setting"]))
+            if old is not None and old.get("compile") is not None:
+                c.update(compile=old["compile"], export=old["export"], checks_from="earlier run")
     tables = budget_tables(rows)
     full = next(r for r in rows if r.method == "fewer steps" and r.steps == spec.steps)
     if saved is not None:  # the quality stage of the run the numbers come from
@@ -1295,7 +1309,8 @@ def main(argv=None) -> dict:
     p.add_argument("--latency-images", type=int, default=None, help="batch-1 images per round (default 2, quick 1)")
     p.add_argument("--latency-repeats", type=int, default=None, help="rounds (default 3, quick 1; 0: skip)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="the torch.compile / torch.export checks (default: on, off with --quick)")
+                   help="the torch.compile / torch.export checks (default: on, off with --quick; with "
+                        "--quality-from, --no-compile keeps the earlier run's results of these checks)")
     p.add_argument("--fit-steps", type=int, default=None, help="fit optimiser steps (default: lazypass.fit's)")
     p.add_argument("--fit-batch", type=int, default=32)
     p.add_argument("--gates-dir", type=Path, default=ROOT / "examples" / "assets" / "peers")

@@ -4,6 +4,15 @@
     PYTHONPATH=$PWD python benchmarks/peers.py --quick          # 64 samples, one setting per method: 148 s of CPU
     PYTHONPATH=$PWD python benchmarks/peers.py --from-json a/peers/results.json b/peers/results.json  # rewrite, merged
     PYTHONPATH=$PWD python benchmarks/peers.py --models flow --threads 1 --note "busy machine"
+    PYTHONPATH=$PWD python benchmarks/peers.py --quality-from docs/peers/results.json  # latency + correctness only
+
+The run has two parts. The quality part (FD, PSNR and executed MACs of every setting at 1,000
+samples) does not depend on the machine's load; latency does. ``--quality-from`` reads the first
+from an earlier results.json (refused unless it has the same models, sweeps, samples, seeds and
+weights, the same gate files by content and the same settings) and measures only latency and the
+correctness checks, so the quality part can run on a busy machine and the rest on a quiet one.
+With ``--no-compile`` as well, the torch.compile / torch.export results are kept from the earlier
+run (they do not depend on load either) and only latency and *batch vs one* are measured.
 
 Two digits models, both in diffusers format, each sampled the way its pipeline would:
 
@@ -179,23 +188,37 @@ class Spec:
     def weight_files(self) -> list[Path]:
         return [DIT_PATH] if self.name == "dit" else [FLOW_WEIGHTS_PATH, FLOW_LABELS_PATH]
 
+    def fingerprint(self, args) -> dict:
+        """What the quality numbers depend on besides the gates: saved in results.json and compared
+        by ``--quality-from`` (as JSON, so tuples read back as lists)."""
+        return json.loads(json.dumps(dict(
+            model=self.name, steps=self.steps, fewer=self.fewer, sweeps=self.sweeps, taylor_blocks=self.taylor_blocks,
+            shim_blocks=self.shim_blocks, weights=file_hash(self.weight_files()), quick=bool(args.quick),
+            samples=args.samples, eval_batch=args.eval_batch or args.samples, seeds=[EVAL_SEED, FIT_SEED, CAL_SEED],
+        )))  # fmt: skip
+
 
 def specs() -> dict[str, Spec]:
+    """The two models and their sweeps. Trimmed for the 20-minute budget (issue 13, item 5): each
+    curve keeps the settings around 50% and 70% of full compute (from the 250-sample run of
+    2026-12-01) and drops repeats of one compute share (MagCache and SeaCache past their floor,
+    TaylorSeer's equal-cost pairs) and the far ends (PAB and FasterCache never reach 70%: their
+    two ends only)."""
     return {
         "dit": Spec(
-            "dit", "DiT digits (DiTTransformer2DModel, DDIM)", 20, (16, 14, 12, 10, 8, 6),
-            sweeps=dict(lazypass=(0.25, 0.35, 0.5, 0.65), fixed=(0.3, 0.5, 0.65),
-                        FirstBlockCache=(0.05, 0.1, 0.2, 0.3), TaylorSeer=((2, 10), (2, 6), (2, 3), (3, 3), (4, 3)),
-                        MagCache=(0.06, 0.12, 0.25, 0.5), PAB=(2, 3, 5), FasterCache=(2, 3, 5),
-                        SeaCache=(0.1, 0.25, 0.5, 1.0)),
+            "dit", "DiT digits (DiTTransformer2DModel, DDIM)", 20, (14, 12, 10, 8),
+            sweeps=dict(lazypass=(0.25, 0.35, 0.5, 0.6), fixed=(0.3, 0.5),
+                        FirstBlockCache=(0.05, 0.1, 0.2, 0.3), TaylorSeer=((2, 10), (2, 6), (2, 3), (3, 3)),
+                        MagCache=(0.03, 0.06, 0.12, 0.25), PAB=(2, 5), FasterCache=(2, 5),
+                        SeaCache=(0.1, 0.25, 0.5)),
             taylor_blocks=r"transformer_blocks\.\d+\.(attn1|ff)", shim_blocks=False,
         ),  # fmt: skip
         "flow": Spec(
-            "flow", "flow-matching digits (SD3Transformer2DModel, Euler)", 8, (7, 6, 5, 4, 3),
-            sweeps=dict(lazypass=(0.25, 0.375, 0.5, 0.625), fixed=(0.25, 0.5, 0.625),
-                        FirstBlockCache=(0.2, 0.4, 0.6, 0.8), TaylorSeer=((2, 4), (2, 3), (2, 2), (3, 2), (4, 2)),
-                        MagCache=(0.06, 0.12, 0.18, 0.25), PAB=(2, 3, 5), FasterCache=(2, 3, 5),
-                        SeaCache=(0.15, 0.25, 0.5, 1.0)),
+            "flow", "flow-matching digits (SD3Transformer2DModel, Euler)", 8, (6, 5, 4, 3),
+            sweeps=dict(lazypass=(0.25, 0.375, 0.5, 0.625), fixed=(0.25, 0.375, 0.5),
+                        FirstBlockCache=(0.2, 0.4, 0.6), TaylorSeer=((2, 4), (2, 3), (3, 2)),
+                        MagCache=(0.06, 0.12, 0.18), PAB=(2, 5), FasterCache=(2, 5),
+                        SeaCache=(0.25, 0.5, 1.0)),
             taylor_blocks=r"transformer_blocks\.\d+\.(attn|ff|ff_context)", shim_blocks=True,
         ),  # fmt: skip
     }
@@ -392,8 +415,10 @@ class Shim(torch.nn.Module):
         self.transformer_blocks = torch.nn.ModuleList(blocks)
 
 
-def hook_methods(spec: Spec, base: torch.nn.Module, clock: Clock, quick: bool, cal: tuple) -> list[Method]:
-    """Each diffusers cache hook that applies to ``spec``, over its knob."""
+def hook_methods(spec: Spec, base: torch.nn.Module, clock: Clock, quick: bool, cal: tuple,
+                 ratios: list[float] | None = None) -> tuple[list[Method], list[float]]:
+    """Each diffusers cache hook that applies to ``spec``, over its knob, and MagCache's ratios
+    (calibrated here unless given)."""
     from diffusers.hooks import (
         FasterCacheConfig, FirstBlockCacheConfig, MagCacheConfig, PyramidAttentionBroadcastConfig,
         SeaCacheConfig, TaylorSeerCacheConfig, apply_faster_cache, apply_first_block_cache, apply_mag_cache,
@@ -431,7 +456,7 @@ def hook_methods(spec: Spec, base: torch.nn.Module, clock: Clock, quick: bool, c
         apply_taylorseer_cache(m, cfg)
         return HookRunner(m, T, clock, [registry(m)])
 
-    ratios = mag_ratios(spec, base, clock, cal)
+    ratios = list(ratios) if ratios is not None else mag_ratios(spec, base, clock, cal)
 
     def mag(th):
         m = copy.deepcopy(base)
@@ -480,7 +505,7 @@ def hook_methods(spec: Spec, base: torch.nn.Module, clock: Clock, quick: bool, c
                             (lambda make=make, v=v: make(v)), T)
                     for v in pick(spec.sweeps[name])]  # fmt: skip
         methods.append(Method(name, knob, settings, notes.get(name, "")))
-    return methods
+    return methods, ratios
 
 
 def mag_ratios(spec: Spec, base, clock: Clock, cal: tuple) -> list[float]:
@@ -554,8 +579,12 @@ def fit_or_load(spec: Spec, base, args, log) -> tuple[torch.nn.Module, dict]:
             log(f"  gates: loaded {_rel(path)}")
             # the calibrated threshold: load_gates sets it at the first trace, so read it from the file
             threshold = read_gates(path).threshold
-            return lazy, {**info, "threshold": threshold, "path": str(path), "cached": True}
+            return lazy, {**info, "threshold": threshold, "path": str(path), "cached": True, "sha256": _sha(path)}
     path, fields, options = candidates[-1]
+    if getattr(args, "quality_from", None) is not None:
+        raise SystemExit(f"--quality-from: no gate file {_rel(candidates[0][0])}: the fit options or the library's "
+                         f"defaults changed since the earlier run (its gates were fitted under others); run the "
+                         f"whole benchmark again (without --quality-from)")  # fmt: skip
     batch = fields["batch"]
 
     def sample_fn(i: int) -> dict:
@@ -574,7 +603,11 @@ def fit_or_load(spec: Spec, base, args, log) -> tuple[torch.nn.Module, dict]:
     lazypass.save_gates(lazy, path)
     path.with_suffix(".json").write_text(json.dumps(info, indent=1, default=repr) + "\n")
     log(f"  gates: fitted in {info['fit_seconds']} s, threshold {result.threshold:.4g}, lazy {result.lazy_ratio}")
-    return lazy, {**info, "path": str(path), "cached": False}
+    return lazy, {**info, "path": str(path), "cached": False, "sha256": _sha(path)}
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _rel(path: Path) -> str:
@@ -610,7 +643,10 @@ def sweep_thresholds(spec: Spec, lazy, targets, cal: tuple, fitted: float) -> li
     return out
 
 
-def build_methods(spec: Spec, base, args, clock: Clock, cal: tuple, log) -> tuple[list[Method], dict]:
+def build_methods(spec: Spec, base, args, clock: Clock, cal: tuple, log,
+                  saved: dict | None = None) -> tuple[list[Method], dict, dict]:
+    """Every method's settings, the gate info and the calibration (lazypass thresholds, MagCache
+    ratios). With ``saved`` (an earlier run's results), its calibration is used instead of redone."""
     T = spec.steps
     sweeps = spec.sweeps
 
@@ -625,7 +661,10 @@ def build_methods(spec: Spec, base, args, clock: Clock, cal: tuple, log) -> tupl
     lazy, gate_info = fit_or_load(spec, base, args, log)
     fitted = gate_info["threshold"]  # calibrated to target_ratio by fit
     targets = pick(sweeps["lazypass"])
-    chosen = sweep_thresholds(spec, lazy, targets, cal, fitted)
+    if saved is None:
+        chosen = sweep_thresholds(spec, lazy, targets, cal, fitted)
+    else:
+        chosen = [(d["threshold"], d["calibration_ratio"]) for d in saved["gates"]["thresholds"]]
     gate_info["thresholds"] = [dict(target=r, threshold=th, calibration_ratio=got) for r, (th, got) in zip(targets, chosen)]
     log("  thresholds: " + ", ".join(f"{r:g} -> {th:.4g} ({got:.2f})" for r, (th, got) in zip(targets, chosen)))
     methods.append(Method("lazypass", "threshold", [
@@ -639,8 +678,8 @@ def build_methods(spec: Spec, base, args, clock: Clock, cal: tuple, log) -> tupl
             Setting(name, f"{sum(fixed_skips(T, r))}/{T} steps reused", r,
                     (lambda r=r, model=model: LazyRunner(model, T, schedule=fixed_skips(T, r))), T)
             for r in pick(sweeps["fixed"])]))  # fmt: skip
-    methods += hook_methods(spec, base, clock, args.quick, cal)
-    return methods, gate_info
+    hooks, ratios = hook_methods(spec, base, clock, args.quick, cal, saved and saved["calibration"]["mag_ratios"])
+    return methods + hooks, gate_info, dict(mag_ratios=ratios)
 
 
 # -- measuring ---------------------------------------------------------------------------------------------
@@ -1094,6 +1133,9 @@ def markdown(results: dict, meta: dict) -> str:
                      _export_text(c["export"])] for c in res["correctness"]]  # fmt: skip
             lines.append(tabulate(body, headers=["method", "setting", "batch vs one", "torch.compile", "torch.export"],
                                   tablefmt="github"))  # fmt: skip
+            if any(c.get("checks_from") for c in res["correctness"]):
+                lines += ["", "The torch.compile and torch.export columns are from the run that measured FD / PSNR / "
+                          "MACs (`--quality-from` with `--no-compile`); *batch vs one* was measured again."]
             lines.append("")
     lines += ["## Headline", "", "```", meta["headline"], "```", ""]
     return "\n".join(lines)
@@ -1138,12 +1180,15 @@ def plots(results: dict, out: Path, note: str) -> None:
         for i, (key, scale, xlabel, suffix) in enumerate(rows):
             for ax, name in zip(axes[i], names):
                 _curves(ax, results[name], key, scale)
+                if not ax.lines[:-1]:  # only the full-compute line: nothing measured (latency skipped)
+                    ax.text(0.5, 0.5, "not measured in this run", transform=ax.transAxes, ha="center", color="0.4")
                 if key == "fraction":
                     for b in BUDGETS:
                         ax.axvline(100 * b, color="0.7", lw=0.8, ls="--")
                 ax.set_xlabel(xlabel)
                 ax.set_title(results[name]["title"] + suffix, fontsize=10)
-        axes[0][-1].legend(fontsize=7, loc="upper right")
+        if axes[0][-1].lines[:-1]:
+            axes[0][-1].legend(fontsize=7, loc="upper right")
         if note:
             fig.suptitle(textwrap.fill(note, 180), fontsize=8)
         fig.tight_layout()
@@ -1154,7 +1199,9 @@ def plots(results: dict, out: Path, note: str) -> None:
 # -- main --------------------------------------------------------------------------------------------------
 
 
-def run_model(spec: Spec, args, classifier, real_stats, log) -> dict:
+def run_model(spec: Spec, args, classifier, real_stats, log, saved: dict | None = None) -> dict:
+    """One model's part. With ``saved`` (this model's entry of an earlier results.json, checked by
+    ``check_saved``) FD, PSNR and MACs are read from it; latency and the correctness checks run."""
     t_model = time.perf_counter()
     base = spec.load()
     noise = torch.randn(args.samples, 1, 8, 8, generator=torch.Generator().manual_seed(EVAL_SEED))
@@ -1164,38 +1211,93 @@ def run_model(spec: Spec, args, classifier, real_stats, log) -> dict:
     cal = (torch.randn(n_cal, 1, 8, 8, generator=g), torch.randint(0, 10, (n_cal,), generator=g))
     clock = Clock()
     log(f"[{spec.name}] {spec.title}: {args.samples} samples, {spec.steps} steps")
-    stages = {}
-    t0 = time.perf_counter()
-    methods, gate_info = build_methods(spec, base, args, clock, cal, log)
-    stages["setup (fit or load gates, thresholds, MagCache calibration)"] = time.perf_counter() - t0
-    ev = Evaluator(spec, classifier, real_stats, noise, labels, args.eval_batch or args.samples)
+    stages, cpu = {}, {}
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        t0, c0 = time.perf_counter(), time.process_time()
+        yield
+        stages[name], cpu[name] = time.perf_counter() - t0, time.process_time() - c0
+
+    with stage("setup (load gates, calibration)" if saved else "setup (fit or load gates, thresholds, MagCache calibration)"):
+        methods, gate_info, calibration = build_methods(spec, base, args, clock, cal, log, saved)
     rows: list[Row] = []
-    t0 = time.perf_counter()
-    for method in methods:
-        for setting in method.settings:
-            row = ev.measure(setting)
-            rows.append(row)
-            lazy = f" lazy {row.lazy_ratio:.1%}" if row.lazy_ratio is not None else ""
-            log(f"  {row.method:16s} {row.knob:34s} compute {row.fraction:6.1%} (batch {row.batch_macs / ev.full_macs:6.1%})"
-                f"{lazy}  FD {row.fd:7.2f}  PSNR {row.psnr:6.2f}  {row.seconds:5.1f} s")  # fmt: skip
-    stages["FD / PSNR / MACs of every setting"] = time.perf_counter() - t0
+    if saved is not None:
+        check_saved(spec, saved, methods, gate_info, args)
+        for method in methods:
+            for setting, record in zip(method.settings, (r for r in saved["rows"] if r["method"] == method.name)):
+                rows.append(Row(**{**record, "latency_b1": None, "latency_b8": None}, runner=setting.make()))
+        log(f"  FD / PSNR / MACs of {len(rows)} settings read from the earlier run")
+    else:
+        ev = Evaluator(spec, classifier, real_stats, noise, labels, args.eval_batch or args.samples)
+        with stage("FD / PSNR / MACs of every setting"):
+            for method in methods:
+                for setting in method.settings:
+                    row = ev.measure(setting)
+                    rows.append(row)
+                    lazy = f" lazy {row.lazy_ratio:.1%}" if row.lazy_ratio is not None else ""
+                    log(f"  {row.method:16s} {row.knob:34s} compute {row.fraction:6.1%} "
+                        f"(batch {row.batch_macs / ev.full_macs:6.1%}){lazy}  FD {row.fd:7.2f}  "
+                        f"PSNR {row.psnr:6.2f}  {row.seconds:5.1f} s")  # fmt: skip
     if args.latency_repeats > 0:
-        t0 = time.perf_counter()
-        latency(rows, spec, noise, labels, args.latency_images, args.latency_repeats)
-        stages["latency"] = time.perf_counter() - t0
+        with stage("latency"):
+            latency(rows, spec, noise, labels, args.latency_images, args.latency_repeats)
         log(f"  latency measured in {stages['latency']:.0f} s")
-    t0 = time.perf_counter()
-    checks = correctness(rows, spec, noise, labels, args, log)
-    stages["correctness checks"] = time.perf_counter() - t0
+    with stage("correctness checks"):
+        checks = correctness(rows, spec, noise, labels, args, log)
+    if saved is not None and not args.compile:  # compile / export results do not depend on load: keep the earlier
+        before = {(c["method"], c["setting"]): c for c in saved["correctness"]}
+        for c in checks:
+            old = before.get((c["method"], c["setting"]))
+            if old is not None and old.get("compile") is not None:
+                c.update(compile=old["compile"], export=old["export"], checks_from="earlier run")
     tables = budget_tables(rows)
     full = next(r for r in rows if r.method == "fewer steps" and r.steps == spec.steps)
+    if saved is not None:  # the quality stage of the run the numbers come from
+        quality = {k: v for k, v in saved["stages"].items() if k.startswith("FD /")}
+        stages.update({f"{k} (earlier run)": v for k, v in quality.items()})
+        cpu.update({f"{k} (earlier run)": v for k, v in saved.get("stages_cpu", {}).items() if k.startswith("FD /")})
     return dict(
         title=spec.title, steps=spec.steps, sampler=spec.sampler_name(), samples=args.samples,
-        eval_batch=args.eval_batch or args.samples, full=full.record(), rows=[r.record() for r in rows],
-        tables={b: dict(values=t["values"], ranked=t["ranked"]) for b, t in tables.items()},
-        who_wins=who_wins(tables), gates=gate_info, correctness=checks,
+        eval_batch=args.eval_batch or args.samples, spec=spec.fingerprint(args), full=full.record(),
+        rows=[r.record() for r in rows], tables={b: dict(values=t["values"], ranked=t["ranked"]) for b, t in tables.items()},
+        who_wins=who_wins(tables), gates=gate_info, calibration=calibration, correctness=checks,
         seconds=round(time.perf_counter() - t_model, 1), stages={k: round(v, 1) for k, v in stages.items()},
+        stages_cpu={k: round(v, 1) for k, v in cpu.items()},
     )  # fmt: skip
+
+
+class QualityMismatch(ValueError):
+    """An earlier results.json that does not belong to this run's settings."""
+
+
+def check_saved(spec: Spec, saved: dict, methods: list[Method], gate_info: dict, args) -> None:
+    """``--quality-from``: the earlier run must have had the same models, sweeps, samples and seeds,
+    the same gate file (by content) and the same settings, in the same order."""
+    fix = ("run the whole benchmark again (without --quality-from) to measure FD / PSNR / MACs for "
+           "these settings")
+    want = spec.fingerprint(args)
+    have = saved.get("spec")
+    if have is None:
+        raise QualityMismatch(f"{spec.name}: the earlier results.json has no spec fingerprint (written before "
+                              f"--quality-from existed); {fix}")
+    diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+    if diff:
+        detail = "; ".join(f"{k}: earlier {have.get(k)!r}, now {want.get(k)!r}" for k in diff)
+        raise QualityMismatch(f"{spec.name}: the earlier run had other settings ({detail}); {fix}")
+    if methods is None:
+        return
+    if saved["gates"].get("sha256") != gate_info["sha256"]:
+        raise QualityMismatch(f"{spec.name}: the gates differ from the earlier run's (earlier "
+                              f"{Path(saved['gates'].get('path', '?')).name} sha256 {saved['gates'].get('sha256')}, now "
+                              f"{Path(gate_info['path']).name} sha256 {gate_info['sha256']}); {fix}")  # fmt: skip
+    now = [(s.method, s.knob) for m in methods for s in m.settings]
+    before = [(r["method"], r["knob"]) for r in saved["rows"]]
+    if now != before:
+        missing = [f"{m}: {k}" for m, k in now if (m, k) not in before][:4]
+        extra = [f"{m}: {k}" for m, k in before if (m, k) not in now][:4]
+        raise QualityMismatch(f"{spec.name}: the settings differ from the earlier run's (not measured then: "
+                              f"{missing or 'none'}; measured then, not now: {extra or 'none'}); {fix}")
 
 
 def main(argv=None) -> dict:
@@ -1207,7 +1309,8 @@ def main(argv=None) -> dict:
     p.add_argument("--latency-images", type=int, default=None, help="batch-1 images per round (default 2, quick 1)")
     p.add_argument("--latency-repeats", type=int, default=None, help="rounds (default 3, quick 1; 0: skip)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="the torch.compile / torch.export checks (default: on, off with --quick)")
+                   help="the torch.compile / torch.export checks (default: on, off with --quick; with "
+                        "--quality-from, --no-compile keeps the earlier run's results of these checks)")
     p.add_argument("--fit-steps", type=int, default=None, help="fit optimiser steps (default: lazypass.fit's)")
     p.add_argument("--fit-batch", type=int, default=32)
     p.add_argument("--gates-dir", type=Path, default=ROOT / "examples" / "assets" / "peers")
@@ -1218,9 +1321,16 @@ def main(argv=None) -> dict:
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="write peers.md and the plots again from results.json files (nothing is run); "
                         "several files, e.g. one per model run apart, are merged")
+    p.add_argument("--quality-from", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="read FD / PSNR / MACs from an earlier results.json of the same settings, samples and "
+                        "gate files (checked) and measure only latency and the correctness checks: the part "
+                        "that needs a quiet machine")
     args = p.parse_args(argv)
     if args.from_json is not None:
         return rewrite(args)
+    earlier = None
+    if args.quality_from is not None:
+        earlier = load_earlier(args)
     args.samples = args.samples or (64 if args.quick else 1000)
     if args.latency_images is None:
         args.latency_images = 1 if args.quick else 2
@@ -1240,7 +1350,13 @@ def main(argv=None) -> dict:
     results = {}
     for name in args.models:
         spec = specs()[name]
-        results[name] = run_model(spec, args, classifier, real_stats, log)
+        saved = earlier["results"][name] if earlier else None
+        if saved is not None:
+            _check_fingerprint(spec, saved, args)  # before loading anything: a mismatch fails at once
+        try:
+            results[name] = run_model(spec, args, classifier, real_stats, log, saved)
+        except QualityMismatch as e:
+            raise SystemExit(f"--quality-from {args.quality_from}: {e}") from None
     wall, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     load1 = os.getloadavg()[0]
     all_tables = {n: r["tables"] for n, r in results.items()}
@@ -1251,10 +1367,39 @@ def main(argv=None) -> dict:
                   f"{load1:.1f} at the end; whole run {wall / 60:.1f} min wall, {cpu_s / 60:.1f} min CPU "
                   f"(" + ", ".join(f"{n} {r['seconds']:.0f} s" for n, r in results.items()) + ").")  # fmt: skip
     meta = dict(command=command.strip(), conditions=conditions, headline=head, note=args.note, fit_batch=args.fit_batch)
+    if earlier is not None:  # FD / PSNR / MACs were measured by that run: its command and conditions first
+        meta["command"] = earlier["meta"]["command"] + "\n" + meta["command"]
+        meta["conditions"] = (f"FD / PSNR / MACs: {earlier['meta']['conditions']} Latency and correctness: "
+                              f"{conditions}")
+        meta["quality_from"] = dict(path=_rel(args.quality_from.resolve()), conditions=earlier["meta"]["conditions"])
     write(results, meta, args.out)
     log(conditions)
     print(head, flush=True)
     return dict(meta=meta, results=results)
+
+
+def load_earlier(args) -> dict:
+    """The results.json of ``--quality-from``, with every model asked for; samples default to its own."""
+    path = args.quality_from
+    if not path.is_file():
+        raise SystemExit(f"--quality-from {path}: no such file; give the results.json of an earlier full run "
+                         f"(e.g. docs/peers/results.json)")
+    earlier = json.loads(path.read_text())
+    missing = [m for m in args.models if m not in earlier.get("results", {})]
+    if missing:
+        raise SystemExit(f"--quality-from {path}: it has no results for {', '.join(missing)} (it has "
+                         f"{', '.join(earlier.get('results', {})) or 'none'}); pass --models with those it has, or "
+                         f"run the whole benchmark for the others")  # fmt: skip
+    if args.samples is None:
+        args.samples = earlier["results"][args.models[0]]["samples"]
+    return earlier
+
+
+def _check_fingerprint(spec: Spec, saved: dict, args) -> None:
+    try:
+        check_saved(spec, saved, None, None, args)
+    except QualityMismatch as e:
+        raise SystemExit(f"--quality-from {args.quality_from}: {e}") from None
 
 
 def write(results: dict, meta: dict, out: Path) -> None:

@@ -79,16 +79,26 @@ def test_quick_benchmark_both_models(tmp_path):
 
 
 def _quick(tmp_path, models):
+    """The quality part on its own (no latency), then ``--quality-from`` on its results: latency and
+    the correctness checks, FD / PSNR / MACs read back unchanged; and a mismatch refused."""
     import peers
 
-    out = peers.main(["--quick", "--models", *models, "--samples", "32", "--threads", "1", "--out", str(tmp_path),
-                      "--scratch", str(tmp_path / "scratch"), "--latency-repeats", "1", "--latency-images", "1"])
+    common = ["--quick", "--models", *models, "--threads", "1", "--scratch", str(tmp_path / "scratch")]
+    first = peers.main([*common, "--samples", "32", "--out", str(tmp_path / "quality"), "--latency-repeats", "0"])
+    saved_path = tmp_path / "quality" / "peers" / "results.json"
+    out = peers.main([*common, "--out", str(tmp_path), "--quality-from", str(saved_path),
+                      "--latency-repeats", "1", "--latency-images", "1"])  # fmt: skip
     expected = {"fewer steps", "lazypass", "fixed copy", "fixed forecast", "FirstBlockCache", "TaylorSeer",
                 "MagCache", "PAB", "FasterCache", "SeaCache"}  # fmt: skip
     for name in models:
         res = out["results"][name]
         rows = res["rows"]
+        assert res["samples"] == 32
         assert {r["method"] for r in rows} == expected
+        before = first["results"][name]["rows"]
+        assert [(r["method"], r["knob"], r["fd"], r["psnr"], r["macs"]) for r in rows] == [
+            (r["method"], r["knob"], r["fd"], r["psnr"], r["macs"]) for r in before]  # fmt: skip
+        assert all(r["latency_b1"] is None for r in before)
         for r in rows:
             assert r["finite"], r
             for key in ("fd", "fd_full", "macs", "batch_macs", "fraction", "latency_b1", "latency_b8"):
@@ -110,7 +120,17 @@ def _quick(tmp_path, models):
     assert (tmp_path / "peers" / "fd_vs_latency.png").stat().st_size > 0
     saved = json.loads((tmp_path / "peers" / "results.json").read_text())
     assert saved["meta"]["headline"].startswith("headline: lazypass FD rank")
+    assert saved["meta"]["command"].count("benchmarks/peers.py") == 2  # the quality run's command, then this one
     # the page is written again from the saved results, nothing run, word for word
     again = peers.main(["--from-json", str(tmp_path / "peers" / "results.json"), "--out", str(tmp_path / "again")])
     assert again["meta"]["headline"] == saved["meta"]["headline"]
     assert (tmp_path / "again" / "peers.md").read_text() == text
+    # an earlier run of other settings is refused, saying what differs
+    other = json.loads(saved_path.read_text())
+    other["results"][models[0]]["spec"]["sweeps"]["PAB"] = [9]
+    bad = tmp_path / "other.json"
+    bad.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="other settings.*sweeps"):
+        peers.main([*common, "--out", str(tmp_path / "bad"), "--quality-from", str(bad)])
+    with pytest.raises(SystemExit, match="other settings.*samples"):
+        peers.main([*common, "--samples", "16", "--out", str(tmp_path / "bad"), "--quality-from", str(saved_path)])

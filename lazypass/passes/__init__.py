@@ -16,11 +16,10 @@ from lazypass.passes.info import GraphInfo, Match, Site, StateSpec, graph_info
 from lazypass.passes.insert_gates import insert_gates
 from lazypass.passes.match_sites import NoSitesError, match_sites
 from lazypass.passes.prune import prune
-from lazypass.passes.sink import sink
 from lazypass.passes.soft_blend import soft_blend
 
 ANALYSIS = [functionalize, prune, match_sites]
-INFERENCE = [sink, insert_gates]
+INFERENCE = [insert_gates]
 TRAINING = [soft_blend]
 
 
@@ -34,5 +33,5 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
 
 
 __all__ = ["ANALYSIS", "INFERENCE", "TRAINING", "run_passes", "functionalize", "prune", "match_sites",
-           "sink", "insert_gates", "soft_blend", "eager_twin", "graph_info",
+           "insert_gates", "soft_blend", "eager_twin", "graph_info",
            "GraphInfo", "Site", "StateSpec", "Match", "NoSitesError"]

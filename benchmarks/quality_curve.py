@@ -24,6 +24,11 @@ deviation over the seeds. Methods:
   from ``--gates-dir`` (default ``examples/assets/curve/``, committed), each fitted there with
   the library defaults and ``target_ratio`` (noise seeds 10,000 and up) by the first run that
   finds it missing, with a JSON of how (``--refit``: fit every point afresh under ``--out/gates``);
+- lazy over UniPC (``learned ... over UniPC``, ``spread-forecast ... over UniPC``, parts ``learned`` and
+  ``fixed``): the same lazy points at 50%/20 and 30%/10 with UniPC as the sampler instead of DDIM
+  (gates fitted with ``scheduler=`` that UniPC, main-job assets ``digits_gates_unipc_*``), for a user
+  who already samples with UniPC: compared with UniPC at fewer steps, their "same sampler @eq" and
+  gap closed are on the UniPC curve and their PSNR against full-compute UniPC;
 - ``oracle``: per sample and step, it runs both the full model and the all-reuse (forecast)
   model from the row's own state and reuses where the weighted eps error
   ``c_i^2 * mean((eps_reuse - eps_full)^2)`` is below ``tau`` (``c_i``: the DDIM coefficient of
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -67,8 +73,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import lazypass  # noqa: E402
 from digits_eval import (  # noqa: E402
-    NULL_CLASS, classifier_outputs, frechet_distance, gates_path, gaussian_stats, load_classifier,
-    load_digit_images, load_dit, psnr,
+    NULL_CLASS, SOLVERS, classifier_outputs, frechet_distance, gates_path, gaussian_stats, load_classifier,
+    load_digit_images, load_dit, make_solver, psnr, solver_sample,
 )  # fmt: skip
 from digits_fixed import (  # noqa: E402
     FixedRunner, alternating_table, load_schedule, schedule_path, spread_table, table_ratio,
@@ -81,8 +87,9 @@ from lazypass.sampling import ALPHAS_CUMPROD, ddim_sample, ddim_timesteps  # noq
 PARTS = ("baselines", "fixed", "best_fixed", "learned", "oracle")
 RATIOS_20 = (0.3, 0.4, 0.5, 0.6, 2 / 3, 0.75)
 HEADLINE = ((0.5, 20), (0.3, 10))
-SOLVERS = ("DPM++(2M)", "UniPC")
 SPACING_SEED, ORACLE_SEED, FIT_SEED = 700, 901, 10_000
+OVER_BASE = "UniPC"  # the best solver at 7 and 10 steps on this model (the table below)
+OVER = f"over {OVER_BASE}"
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,12 @@ class Entry:
     steps: int
     ratio: float = 0.0
     part: str = "baselines"
+    base: str = "DDIM"  # the sampler a lazy point runs over (DDIM, or a solver of SOLVERS)
+
+    @property
+    def full(self) -> str:
+        """The full-compute run of the same sampler and steps (PSNR reference, FD_full of the gap)."""
+        return f"{self.base}-{self.steps}"
 
 
 def pct(r: float) -> str:
@@ -121,6 +134,10 @@ def entries(args) -> list[Entry]:
     for ratio in args.ratios:
         out.append(Entry(f"learned {pct(ratio)}/20", "learned", 20, ratio, "learned"))
     out.append(Entry("learned 30%/10", "learned", 10, 0.3, "learned"))
+    for ratio, steps in HEADLINE:  # lazy over the strongest solver, against that solver with fewer steps
+        tag = f"{pct(ratio)}/{steps} {OVER}"
+        out.append(Entry(f"spread-forecast {tag}", f"spread-forecast {OVER}", steps, ratio, "fixed", OVER_BASE))
+        out.append(Entry(f"learned {tag}", f"learned {OVER}", steps, ratio, "learned", OVER_BASE))
     for ratio, steps in [(r, 20) for r in args.oracle_ratios] + [(0.3, 10)]:
         out.append(Entry(f"oracle {pct(ratio)}/{steps}", "oracle", steps, ratio, "oracle"))
     return out
@@ -132,27 +149,6 @@ def entries(args) -> list[Entry]:
 def eval_noise(seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 1, 8, 8, generator=g), torch.arange(n) % 10
-
-
-def make_solver(name: str, spacing: str):
-    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    kw = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-              prediction_type="epsilon", timestep_spacing=spacing, steps_offset=0, solver_order=2)  # fmt: skip
-    if name == "DPM++(2M)":
-        return DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **kw)
-    return UniPCMultistepScheduler(**kw)
-
-
-@torch.no_grad()
-def solver_sample(model, name: str, spacing: str, noise, labels, steps: int) -> torch.Tensor:
-    sched = make_solver(name, spacing)
-    sched.set_timesteps(steps)
-    x = noise * sched.init_noise_sigma
-    for t in sched.timesteps:
-        eps = model(x, t.expand(x.shape[0]).long(), labels)
-        x = sched.step(eps, t, x).prev_sample
-    return x
 
 
 def ddim_coefficients(steps: int) -> np.ndarray:
@@ -277,13 +273,17 @@ class Bench:
         p = self._path(e, seed)
         return json.loads(p.read_text()) if p.exists() else None
 
-    def reference(self, steps: int, seed: int) -> torch.Tensor:
-        """Full-compute DDIM images at ``steps`` (saved: PSNR references)."""
-        p = self.args.out / "images" / f"full{steps}_s{seed}_n{self.args.samples}.safetensors"
+    def reference(self, steps: int, seed: int, base: str = "DDIM") -> torch.Tensor:
+        """Full-compute images of ``base`` (DDIM or a solver) at ``steps`` (saved: PSNR references)."""
+        tag = "" if base == "DDIM" else base.replace("(", "").replace(")", "").replace("+", "p") + "_"
+        p = self.args.out / "images" / f"full{tag}{steps}_s{seed}_n{self.args.samples}.safetensors"
         if p.exists():
             return load_file(str(p))["images"]
         noise, labels = eval_noise(seed, self.args.samples)
-        x = ddim_sample(self.model, noise, steps, cond=labels, learned_sigma=False)
+        if base == "DDIM":
+            x = ddim_sample(self.model, noise, steps, cond=labels, learned_sigma=False)
+        else:
+            x = solver_sample(self.model, noise, steps, labels, base, self.spacing()[base])
         p.parent.mkdir(parents=True, exist_ok=True)
         save_file({"images": x.contiguous()}, str(p))
         return x
@@ -303,7 +303,7 @@ class Bench:
                 for solver in SOLVERS:
                     for sp in ("leading", "linspace", "trailing"):
                         scores[f"{solver} {sp}"] = sum(
-                            self.fd(solver_sample(self.model, solver, sp, noise, labels, n)) for n in (7, 10))
+                            self.fd(solver_sample(self.model, noise, n, labels, solver, sp)) for n in (7, 10))
                     choice[solver] = min(("leading", "linspace", "trailing"), key=lambda s: scores[f"{solver} {s}"])
                 self._spacing = dict(choice=choice, fd_sum_7_10=scores)
                 p.write_text(json.dumps(self._spacing, indent=1))
@@ -324,17 +324,18 @@ class Bench:
                 self.model, noise, e.steps, cond=labels, learned_sigma=False)
         elif e.family in SOLVERS:
             sp = self.spacing()[e.family]
-            images = solver_sample(self.model, e.family, sp, noise, labels, e.steps)
+            images = self.reference(e.steps, seed, e.family) if e.steps in (10, 20) else solver_sample(
+                self.model, noise, e.steps, labels, e.family, sp)
             extra["spacing"] = sp
         elif e.part in ("fixed", "best_fixed"):
             if e.part == "best_fixed":
                 sched = load_schedule(schedule_path(e.ratio, e.steps))
                 table, reuse = sched.table, sched.reuse
             else:
-                pattern, reuse = e.family.split("-")
+                pattern, reuse = e.family.split(" ")[0].split("-")
                 n = len(self.site_macs)
                 table = spread_table(e.steps, e.ratio, n) if pattern == "spread" else alternating_table(e.steps, e.ratio, 2, n)
-            images, skipped = self.runner(reuse).sample(table, noise, labels)
+            images, skipped = self.runner(reuse).sample(table, noise, labels, sampler=self.sampler(e.base))
             extra["table_ratio"] = table_ratio(table, self.site_macs)
         elif e.part == "learned":
             images, skipped, extra = self.learned(e, noise, labels)
@@ -348,17 +349,23 @@ class Bench:
         res = dict(name=e.name, seed=seed, samples=self.args.samples, fd=self.fd(images), macs=macs, lazy=lazy,
                    seconds=round(seconds, 1), **extra)  # fmt: skip
         if e.part != "baselines" or e.steps != 20:
-            ref_steps = e.steps if e.part != "baselines" else 20
-            res["psnr"] = psnr(images, self.reference(ref_steps, seed))
-            res["psnr_ref"] = f"DDIM-{ref_steps}"
+            ref_steps, ref_base = (e.steps, e.base) if e.part != "baselines" else (20, e.family)
+            res["psnr"] = psnr(images, self.reference(ref_steps, seed, ref_base))
+            res["psnr_ref"] = f"{ref_base}-{ref_steps}"
         self._path(e, seed).write_text(json.dumps(res, indent=1))
         return res
+
+    def sampler(self, base: str):
+        """``sample(model, noise, steps, cond=, callback=)`` over ``base``; None for DDIM (the default)."""
+        if base == "DDIM":
+            return None
+        return functools.partial(solver_sample, solver=base, spacing=self.spacing()[base])
 
     # -- learned gates
     def gate_path(self, e: Entry) -> Path:
         """The main job's gate file where it exists, else the curve's own under ``--gates-dir``
         (fitted there by the first run that needs it); ``--refit``: fitted afresh under --out/gates."""
-        main_job = gates_path(e.ratio, e.steps)
+        main_job = gates_path(e.ratio, e.steps, e.base)
         if self.args.refit:
             return self.args.out / "gates" / main_job.name
         return main_job if main_job.exists() else self.args.gates_dir / main_job.name
@@ -375,12 +382,16 @@ class Bench:
                         "cond": torch.randint(0, 10, (64,), generator=g), "null_cond": torch.full((64,), NULL_CLASS)}
 
             start = time.perf_counter()
-            result = lazypass.fit(model, sample_fn, target_ratio=e.ratio, num_inference_steps=e.steps, progress=False)
+            over = {} if e.base == "DDIM" else {"scheduler": make_solver(e.base, self.spacing()[e.base])}
+            result = lazypass.fit(model, sample_fn, target_ratio=e.ratio, num_inference_steps=e.steps, progress=False,
+                                  **over)  # fmt: skip
             lazypass.save_gates(model, path)
             (path.with_suffix(".json")).write_text(json.dumps(dict(
                 fit_seconds=round(time.perf_counter() - start, 1), load_average=round(os.getloadavg()[0], 1),
                 threads=torch.get_num_threads(), lazy_ratio=result.lazy_ratio, threshold=result.threshold,
-                fit="lazypass.fit defaults, target_ratio and num_inference_steps; batches of 64, noise and labels "
+                fit="lazypass.fit defaults, target_ratio and num_inference_steps" + (
+                    "" if e.base == "DDIM" else f", scheduler {e.base} ({self.spacing()[e.base]} spacing)") +
+                    "; batches of 64, noise and labels "
                     f"from Generator().manual_seed({FIT_SEED} + 1000 * {round(e.ratio * 100)} + i)"), indent=1))  # fmt: skip
         return path
 
@@ -390,7 +401,10 @@ class Bench:
         model = lazypass.apply(copy.deepcopy(self.model), **{k: saved[k] for k in GATE_OPTIONS})
         lazypass.load_gates(model, path)
         with lazypass.trajectory(model):
-            images = ddim_sample(model, noise, e.steps, cond=labels, learned_sigma=False)
+            if e.base == "DDIM":
+                images = ddim_sample(model, noise, e.steps, cond=labels, learned_sigma=False)
+            else:
+                images = self.sampler(e.base)(model, noise, e.steps, labels)
             skipped = lazypass.stats(model).skipped
         info = dict(gates=str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path))
         meta = path.with_suffix(".json")
@@ -448,8 +462,8 @@ def summarize(es: list[Entry], results: dict, seeds: list[int]) -> list[dict]:
                 o = by_seed[s].get(other.name)
                 if o is not None and other.family in curves:
                     curves[other.family][o["macs"]] = o["fd"]
-            d = interp(curves["DDIM"], r["macs"])
-            full = by_seed[s].get(f"DDIM-{e.steps}")
+            d = interp(curves[e.base], r["macs"])  # the same sampler with fewer steps
+            full = by_seed[s].get(e.full)
             ddim_eq.append(d)
             best_eq.append(min((interp(c, r["macs"]) for c in curves.values()), key=lambda v: (math.isnan(v), v)))
             if e.part != "baselines" and full is not None and not math.isnan(d) and d != full["fd"]:
@@ -478,13 +492,13 @@ def table(rows: list[dict], tablefmt="simple") -> str:
             fmt(r["ddim_eq"]) if "ddim_eq" in r else "-", fmt(r["best_eq"]) if "best_eq" in r else "-",
             fmt(r["gap"]) if "gap" in r else "-",
         ])  # fmt: skip
-    headers = ["method", "steps", "seeds", "lazy (MACs)", "MMACs/image", "FD", "PSNR dB", "DDIM FD @eq MACs",
+    headers = ["method", "steps", "seeds", "lazy (MACs)", "MMACs/image", "FD", "PSNR dB", "same sampler FD @eq MACs",
                "best solver FD @eq", "gap closed"]  # fmt: skip
     return tabulate(out, headers=headers, tablefmt=tablefmt)
 
 
-def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tuple[float, int]]) -> list[list[str]]:
-    """Per lazy point (ratio, steps): learned against the fixed forecast schedule (spread steps),
+def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tuple]) -> list[list[str]]:
+    """Per lazy point (ratio, steps[, base sampler]): learned against the fixed forecast schedule (spread steps),
     their FD difference paired by noise seed (mean ± sd over seeds) at the same nominal ratio and
     at the learned gates' own MACs (the fixed forecast curve at those steps, full compute as its 0%
     point, interpolated), the best fixed schedule and the oracle where measured, and the FD above
@@ -496,18 +510,20 @@ def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tupl
              if (name, s) in results and (ref, s) in results]  # fmt: skip
         return mean_sd(v) if v else None
 
-    def fixed_at(name: str, steps: int, seed: int) -> float:
+    def fixed_at(name: str, steps: int, base: str, seed: int) -> float:
+        end = f"/{steps}" + ("" if base == "DDIM" else f" over {base}")
         curve = {r["macs"]: r["fd"] for (n, s), r in results.items() if s == seed and (
-            n == f"DDIM-{steps}" or n.startswith("spread-forecast ") and n.endswith(f"/{steps}"))}  # fmt: skip
+            n == f"{base}-{steps}" or n.startswith("spread-forecast ") and n.endswith(end))}  # fmt: skip
         return interp(curve, results[(name, seed)]["macs"]) if (name, seed) in results else math.nan
 
     def signed(v) -> str:
         return "-" if v is None or math.isnan(v[0]) else f"{v[0]:+.2f} ± {v[1]:.2f}"
 
     out = []
-    for ratio, steps in points:
-        tag = f"{pct(ratio)}/{steps}"
-        learned, fixed, full = f"learned {tag}", f"spread-forecast {tag}", f"DDIM-{steps}"
+    for ratio, steps, *over in points:
+        base = over[0] if over else "DDIM"
+        tag = f"{pct(ratio)}/{steps}" + ("" if base == "DDIM" else f" over {base}")
+        learned, fixed, full = f"learned {tag}", f"spread-forecast {tag}", f"{base}-{steps}"
         if learned not in by and fixed not in by:
             continue
         fd = {k: fmt(by[n]["fd"]) if n in by else "-" for k, n in
@@ -516,7 +532,7 @@ def compare(rows: list[dict], results: dict, seeds: list[int], points: list[tupl
         gaps = " / ".join(f"{by[n]['gap'][0]:.2f}" if n in by and "gap" in by[n] else "-" for n in (learned, fixed))
         solver = by.get(learned) or by.get(fixed)
         diff = per_seed(learned, fixed, lambda a, b: a - b)
-        eq = [results[(learned, s)]["fd"] - fixed_at(learned, steps, s) for s in seeds if (learned, s) in results]
+        eq = [results[(learned, s)]["fd"] - fixed_at(learned, steps, base, s) for s in seeds if (learned, s) in results]
         above = [per_seed(n, full, lambda a, b: 100 * (a / b - 1)) for n in (learned, fixed)]
         out.append([
             tag, lazy, fd["l"], fd["f"], signed(diff), signed(mean_sd(eq) if eq else None), fd["b"], fd["o"],
@@ -578,6 +594,10 @@ def headline(rows: list[dict]) -> str:
         ddim = f"{eq['ddim_eq'][0]:.2f}" if eq and "ddim_eq" in eq else "n/a"
         parts.append(f"learned{tag.replace('%', '')} gap={gap(f'learned {tag}')} best_fixed gap={gap(f'best-fixed {tag}')} "
                      f"spread_forecast gap={gap(f'spread-forecast {tag}')} oracle gap={gap(f'oracle {tag}')} ddim_eq FD={ddim}")  # fmt: skip
+        over = by.get(f"learned {tag} {OVER}")
+        if over is not None:
+            parts.append(f"learned{tag.replace('%', '')} {OVER} FD={over['fd'][0]:.2f} "
+                         f"best_solver_eq FD={over['best_eq'][0]:.2f}")  # fmt: skip
     return "quality_curve: " + "; ".join(parts)
 
 
@@ -614,7 +634,7 @@ def main(argv=None) -> list[dict]:
     es = entries(args)
     if args.quick:
         es = [e for e in es if e.part != "baselines" or e.steps in (5, 7, 10, 20)]  # fmt: skip
-        es = [e for e in es if e.part != "learned" or gates_path(e.ratio, e.steps).exists()]
+        es = [e for e in es if e.part != "learned" or gates_path(e.ratio, e.steps, e.base).exists()]
     bench = Bench(args)
     results = {}
     for seed in args.seeds:
@@ -630,7 +650,8 @@ def main(argv=None) -> list[dict]:
     title = (f"digits DiT, CFG 1, {args.samples} samples x seeds {args.seeds}: FD against executed MACs "
              f"(mean and sd over seeds)")  # fmt: skip
     text = table(rows)
-    side = compare(rows, results, args.seeds, [(r, 20) for r in args.ratios] + [(0.3, 10)])
+    side = compare(rows, results, args.seeds, [(r, 20) for r in args.ratios] + [(0.3, 10)] +
+                   [(r, n, OVER_BASE) for r, n in HEADLINE])  # fmt: skip
     print(text)
     print(tabulate(side, headers=COMPARE_HEADERS))
     args.out.mkdir(parents=True, exist_ok=True)

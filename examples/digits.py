@@ -12,7 +12,10 @@ All methods start from the same noise and labels (100 of each digit by default):
 - ``static``: the untrained baseline, every branch reused on a fixed pattern of steps
   (every other step for 50%, every third for 30%);
 - ``best-fixed``: the best fixed (site, step) schedule at the same MACs, forecast reuse, found by
-  ``examples/digits_fixed.py`` on separate noise (``examples/assets/digits_best_fixed_*.json``).
+  ``examples/digits_fixed.py`` on separate noise (``examples/assets/digits_best_fixed_*.json``);
+- ``... over UniPC`` (CFG 1 only): the same comparison for a user who samples with UniPC (diffusers'
+  ``UniPCMultistepScheduler``, the strongest solver here at few steps): lazy over UniPC (gates fitted
+  with ``scheduler=`` UniPC, ``examples/assets/digits_gates_unipc_*``) against UniPC with fewer steps.
 
 Columns: lazy ratio (of all attention / MLP branch decisions), MACs per image (decisions
 counted per sample, as the paper does), latency per image at batch 1 (median, where a lazy
@@ -45,7 +48,7 @@ from tqdm.auto import tqdm
 import lazypass
 from digits_eval import (
     DIT_PATH, NULL_CLASS, gates_path, accuracy, classifier_outputs, frechet_distance, gaussian_stats,
-    load_classifier, load_digit_images, load_dit, psnr,
+    load_classifier, load_digit_images, load_dit, psnr, solver_sample,
 )  # fmt: skip
 from lazypass.checkpoint import read_gates
 from lazypass.config import GATE_OPTIONS
@@ -60,7 +63,8 @@ class Method:
     steps: int
     ratio: float = 0.0  # target lazy ratio (lazy / static)
     reference: str = ""  # full-compute run from the same noise, for PSNR
-    ddim: str = ""  # the fewer-step DDIM run at the same compute, for "gap closed"
+    ddim: str = ""  # the fewer-step run of the same sampler at the same compute, for "gap closed"
+    sampler: str = "DDIM"  # or "UniPC" (digits_eval.solver_sample; CFG 1 only)
 
 
 METHODS = [
@@ -74,12 +78,22 @@ METHODS = [
     Method("static-30%-10", "static", 10, 0.3, "full-10", "DDIM-7"),
     Method("best-fixed-30%-10", "fixed", 10, 0.3, "full-10", "DDIM-7"),
     Method("DDIM-7", "full", 7, reference="full-10"),
+    Method("UniPC-20", "full", 20, reference="UniPC-20", sampler="UniPC"),
+    Method("lazy-50%-20 over UniPC", "lazy", 20, 0.5, "UniPC-20", "UniPC-10", sampler="UniPC"),
+    Method("UniPC-10", "full", 10, reference="UniPC-20", sampler="UniPC"),
+    Method("lazy-30%-10 over UniPC", "lazy", 10, 0.3, "UniPC-10", "UniPC-7", sampler="UniPC"),
+    Method("UniPC-7", "full", 7, reference="UniPC-10", sampler="UniPC"),
 ]
 
 
 # full compute at 10 steps is DDIM-10: run once, listed twice
 FULL_ALIASES = {"full-10": ("DDIM-10",)}
 UNIQUE = [m for m in METHODS if m.name not in FULL_ALIASES]
+
+
+def methods_at(guidance: float, methods=METHODS) -> list[Method]:
+    """The methods run at a CFG scale: the UniPC rows at CFG 1 only (``solver_sample`` has no CFG)."""
+    return [m for m in methods if m.sampler == "DDIM" or guidance == 1.0]
 
 
 def static_skips(steps: int, ratio: float) -> list[bool]:
@@ -117,7 +131,7 @@ class Sampler:
             lazypass.load_gates(self.lazy, self.gate_file(method))
 
     def gate_file(self, method: Method) -> Path:
-        path = gates_path(method.ratio, method.steps)
+        path = gates_path(method.ratio, method.steps, method.sampler)
         return self.gates_dir / path.name if self.gates_dir else path
 
     def run(self, method: Method, noise, labels, guidance, bar=None, record=True) -> Run:
@@ -127,6 +141,8 @@ class Sampler:
                       learned_sigma=False)  # fmt: skip
         if method.kind == "full":
             cb = (lambda i, t, x: bar.update(1)) if bar is not None else None
+            if method.sampler != "DDIM":
+                return Run(solver_sample(self.plain, noise, method.steps, labels, method.sampler, callback=cb))
             return Run(ddim_sample(self.plain, noise, method.steps, callback=cb, **kwargs), None, rows)
         if method.kind == "fixed":
             return self.run_fixed(method, noise, kwargs, rows, bar, record)
@@ -145,7 +161,10 @@ class Sampler:
 
         with lazypass.trajectory(model):
             set_step(0)
-            images = ddim_sample(model, noise, method.steps, callback=cb, **kwargs)
+            if method.sampler != "DDIM":
+                images = solver_sample(model, noise, method.steps, labels, method.sampler, callback=cb)
+            else:
+                images = ddim_sample(model, noise, method.steps, callback=cb, **kwargs)
             skipped = lazypass.stats(model).skipped if record else None
         return Run(images, skipped, rows)
 
@@ -206,7 +225,8 @@ def evaluate(sampler, classifier, real_stats, noise, labels, guidance, latency_i
     batch_rows = noise.shape[0] * (2 if guidance != 1.0 else 1)
     runs: dict[str, Run] = {}
     results = {}
-    for m in METHODS:
+    methods = methods_at(guidance)
+    for m in methods:
         same = [n for n in runs if n in FULL_ALIASES.get(m.name, ())]
         runs[m.name] = run = runs[same[0]] if same else sampler.run(m, noise, labels, guidance, bar)
         macs = sampler.macs(m, run, batch_rows)
@@ -222,7 +242,7 @@ def evaluate(sampler, classifier, real_stats, noise, labels, guidance, latency_i
                 lazy=float(run.skipped.mean()), lazy_attn=float(run.skipped[:, attn].mean()),
                 lazy_ffn=float(run.skipped[:, ffn].mean()),
             )  # fmt: skip
-    for m in METHODS:
+    for m in methods:
         r = results[m.name]
         r["psnr"] = math.inf if m.reference == m.name else psnr(runs[m.name].images, runs[m.reference].images)
         r["psnr_ref"] = m.reference
@@ -230,8 +250,9 @@ def evaluate(sampler, classifier, real_stats, noise, labels, guidance, latency_i
             f_t, f_d = results[m.reference]["fd"], results[m.ddim]["fd"]
             r["gap"] = (f_d - r["fd"]) / (f_d - f_t) if f_d != f_t else float("nan")
     if latency_images:
-        lat = latency_ms(sampler, UNIQUE, noise, labels, guidance, latency_images, latency_repeats)
-        for m in METHODS:
+        lat = latency_ms(sampler, methods_at(guidance, UNIQUE), noise, labels, guidance, latency_images,
+                         latency_repeats)  # fmt: skip
+        for m in methods:
             name = next((n for n in FULL_ALIASES.get(m.name, ()) if n in lat), m.name)
             results[m.name]["latency"] = lat[name]
     return runs, results
@@ -239,7 +260,7 @@ def evaluate(sampler, classifier, real_stats, noise, labels, guidance, latency_i
 
 def table(results: dict, guidance: float, fmt: str = "simple") -> str:
     rows = []
-    for m in METHODS:
+    for m in methods_at(guidance):
         r = results[m.name]
         lazy = f"{r['lazy']:.0%} ({r['lazy_attn']:.0%} / {r['lazy_ffn']:.0%})" if "lazy" in r else "-"
         psnr_s = "ref" if math.isinf(r["psnr"]) else f"{r['psnr']:.2f} vs {r['psnr_ref']}"
@@ -259,7 +280,7 @@ def save_grid(runs: dict, path: Path, columns: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [m.name for m in METHODS]
+    names = [m.name for m in METHODS if m.name in runs]
     fig, axes = plt.subplots(len(names), 1, figsize=(columns * 0.42 + 1.6, len(names) * 0.5 + 0.3))
     for ax, name in zip(axes, names):
         imgs = runs[name].images[:columns, 0].clamp(-1, 1)
@@ -322,8 +343,7 @@ def main(argv=None) -> dict:
         if m.kind == "lazy" and not sampler.gate_file(m).exists():
             raise FileNotFoundError(f"{sampler.gate_file(m)} not found; fit it with `python examples/fit_digits_gates.py`")
 
-    per_pass = sum(m.steps for m in UNIQUE)
-    total = per_pass * len(args.guidance)
+    total = sum(m.steps for guidance in args.guidance for m in methods_at(guidance, UNIQUE))
     bar = tqdm(total=total, desc="sampling (model calls)", unit="step")
     all_results, first_runs = {}, None
     for guidance in args.guidance:
@@ -350,6 +370,8 @@ def main(argv=None) -> dict:
         f"(static {head['static-50%-20']['gap']:.0%}), lazy-30%-10={head['lazy-30%-10']['gap']:.0%} "
         f"(static {head['static-30%-10']['gap']:.0%}); FD full-20={head['full-20']['fd']:.2f} "
         f"lazy-50%-20={head['lazy-50%-20']['fd']:.2f} DDIM-10={head['DDIM-10']['fd']:.2f}"
+        + (f"; over UniPC: lazy-30%-10={head['lazy-30%-10 over UniPC']['fd']:.2f} UniPC-7={head['UniPC-7']['fd']:.2f}"
+           if "UniPC-7" in head else "")
     )
     if args.flow:
         from digits_flow_job import run as flow_section

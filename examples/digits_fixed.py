@@ -132,10 +132,11 @@ class FixedRunner:
         with torch.no_grad():
             self.lazy.lazy_gates.bias.copy_(torch.tensor([SKIP if v else COMPUTE for v in row]))
 
-    def sample(self, table: np.ndarray, noise: torch.Tensor, labels: torch.Tensor, callback=None,
+    def sample(self, table: np.ndarray, noise: torch.Tensor, labels: torch.Tensor, callback=None, sampler=None,
                **kwargs) -> tuple[torch.Tensor, np.ndarray]:  # fmt: skip
         """Images and the skip record (calls, sites, rows) of ``lazypass.stats``; ``kwargs`` go to
-        ``ddim_sample`` (``guidance_scale``, ``null_cond``: every row follows the table)."""
+        ``ddim_sample`` (``guidance_scale``, ``null_cond``: every row follows the table), or to
+        ``sampler(model, noise, steps, cond=, callback=, **kwargs)`` where one is given (another solver)."""
         steps = table.shape[0]
         if table.shape[1] != len(self.sites):
             raise ValueError(f"the table has {table.shape[1]} sites, the model {len(self.sites)}")
@@ -148,8 +149,9 @@ class FixedRunner:
 
         with lazypass.trajectory(self.lazy):
             self._row(table[0])
-            kwargs.setdefault("learned_sigma", False)
-            images = ddim_sample(self.lazy, noise, steps, cond=labels, callback=cb, **kwargs)
+            if sampler is None:
+                kwargs.setdefault("learned_sigma", False)
+            images = (sampler or ddim_sample)(self.lazy, noise, steps, cond=labels, callback=cb, **kwargs)
             skipped = lazypass.stats(self.lazy).skipped
         return images, skipped
 

@@ -11,7 +11,8 @@ the target lazy ratio and calibrates the threshold on held-out noise (counted in
 gates, that threshold and the options they were fitted under are saved with
 ``lazypass.save_gates``. The noise here is drawn from seeds 10,000 and up, so it never
 overlaps the evaluation noise of the main job (seed 0). ``--objective one_step`` (with
-``--reuse copy --granularity site``) fits the paper's way, for comparison.
+``--reuse copy --granularity site``) fits the paper's way, for comparison. ``--solver UniPC`` fits
+the same two gate sets over diffusers' UniPC (``scheduler=``; the main job's "over UniPC" rows).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 import lazypass
-from digits_eval import DIT_PATH, NULL_CLASS, gates_path, load_dit
+from digits_eval import DIT_PATH, NULL_CLASS, SOLVERS, gates_path, load_dit, make_solver
 
 TARGETS = [(0.5, 20), (0.3, 10)]
 
@@ -49,13 +50,15 @@ def fit_one(ratio: float, steps: int, args) -> dict:
         model, batches(args.batch, args.seed), objective=args.objective, steps=args.fit_steps, lr=args.lr,
         rounds=args.rounds, target_ratio=ratio, num_inference_steps=steps, guidance_scale=args.guidance,
         calibration_batches=args.calibration_batches,
+        **({} if args.solver == "DDIM" else {"scheduler": make_solver(args.solver)}),
     )  # fmt: skip
-    path = args.out_dir / gates_path(ratio, steps).name if args.out_dir else gates_path(ratio, steps)
+    target = gates_path(ratio, steps, args.solver)
+    path = args.out_dir / target.name if args.out_dir else target
     lazypass.save_gates(model, path)
     info = dict(
         target=ratio, steps=steps, lazy_ratio=result.lazy_ratio,
         before_calibration=result.lazy_ratio_before_calibration, threshold=result.threshold,
-        objective=args.objective, final_fidelity=result.fidelity[-1],
+        objective=args.objective, solver=args.solver, final_fidelity=result.fidelity[-1],
         seconds=round(time.perf_counter() - start, 1), path=str(path),
     )  # fmt: skip
     print(info)
@@ -79,6 +82,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--only", type=float, default=None, help="fit only this target ratio")
     p.add_argument("--out-dir", type=Path, default=None, help="default examples/assets")
     p.add_argument("--dit", type=Path, default=DIT_PATH, help="DiT checkpoint")
+    p.add_argument("--solver", default="DDIM", choices=("DDIM",) + SOLVERS, help="the sampler the gates are fitted over")
     p.add_argument("--max-age", type=int, default=None, help="1: never reuse a cache twice in a row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

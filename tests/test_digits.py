@@ -91,7 +91,8 @@ def test_main_job_smoke(tmp_path):
     # equal compute, the premise of the comparison: a 50% lazy 20-step run costs about DDIM-10,
     # a 30% lazy 10-step run about DDIM-7 (branches hold ~99% of the MACs)
     for lazy, ddim in (("lazy-50%-20", "DDIM-10"), ("static-50%-20", "DDIM-10"), ("lazy-30%-10", "DDIM-7"),
-                       ("static-30%-10", "DDIM-7")):
+                       ("static-30%-10", "DDIM-7"), ("lazy-50%-20 over UniPC", "UniPC-10"),
+                       ("lazy-30%-10 over UniPC", "UniPC-7")):
         assert abs(r[lazy]["macs"] / r[ddim]["macs"] - 1) < 0.05, (lazy, r[lazy]["macs"], r[ddim]["macs"])
     # reusing one-step-old branch outputs stays closer to full compute than halving the steps
     # (the static rows of the study, here on 10 samples)

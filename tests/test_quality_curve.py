@@ -63,6 +63,21 @@ def test_side_by_side_pairs_learned_and_fixed_by_seed():
     assert cells["best fixed FD"] == "-" and cells["oracle FD"] == "-"
 
 
+def test_lazy_over_a_solver_is_measured_against_that_solver_with_fewer_steps():
+    over = qc.Entry("learned 30%/10 over UniPC", "learned over UniPC", 10, 0.3, "learned", "UniPC")
+    es = [qc.Entry("DDIM-7", "DDIM", 7), qc.Entry("UniPC-7", "UniPC", 7), qc.Entry("UniPC-10", "UniPC", 10), over]
+    results = {}
+    for seed, learned in enumerate((26.0, 28.0)):
+        for name, fd, macs in (("DDIM-7", 40.0, 7.0), ("UniPC-7", 32.0, 7.0), ("UniPC-10", 24.0, 10.0),
+                               (over.name, learned, 7.0)):  # fmt: skip
+            results[(name, seed)] = dict(seed=seed, fd=fd, macs=macs, lazy=0.3 if name == over.name else 0.0)
+    rows = {r["entry"].name: r for r in qc.summarize(es, results, [0, 1])}
+    r = rows[over.name]
+    assert over.full == "UniPC-10"
+    assert r["ddim_eq"][0] == pytest.approx(32.0) and r["best_eq"][0] == pytest.approx(32.0)  # UniPC-7, not DDIM-7
+    assert r["gap"][0] == pytest.approx((0.75 + 0.5) / 2)  # (32 - 26) / (32 - 24), (32 - 28) / (32 - 24)
+
+
 def test_learned_gates_are_looked_up_in_the_main_assets_then_the_curve_folder(tmp_path):
     from types import SimpleNamespace
 
@@ -73,6 +88,9 @@ def test_learned_gates_are_looked_up_in_the_main_assets_then_the_curve_folder(tm
     assert gates_path(0.5, 20).exists()
     assert qc.Bench.gate_path(bench, main_job) == gates_path(0.5, 20)
     assert qc.Bench.gate_path(bench, other) == tmp_path / "curve" / "digits_gates_75pct_20steps.safetensors"
+    unipc = qc.Entry("learned 30%/10 over UniPC", "learned over UniPC", 10, 0.3, "learned", "UniPC")
+    assert qc.Bench.gate_path(bench, unipc) == gates_path(0.3, 10, "UniPC")
+    assert gates_path(0.3, 10, "UniPC").name == "digits_gates_unipc_30pct_10steps.safetensors"
     bench.args.refit = True
     assert qc.Bench.gate_path(bench, main_job) == tmp_path / "out" / "gates" / "digits_gates_50pct_20steps.safetensors"
 
@@ -84,7 +102,8 @@ def test_quick_mode_smoke(tmp_path):
     names = {r["entry"].name for r in rows}
     want = {"DDIM-5", "DDIM-7", "DDIM-10", "DDIM-20", "DPM++(2M)-7", "UniPC-10", "spread-copy 50%/20",
             "alternating-forecast 30%/10", "best-fixed 50%/20", "best-fixed 30%/10", "learned 50%/20",
-            "learned 30%/10", "oracle 50%/20", "oracle 30%/10"}
+            "learned 30%/10", "oracle 50%/20", "oracle 30%/10", "learned 30%/10 over UniPC",
+            "spread-forecast 50%/20 over UniPC"}
     assert want <= names, want - names
     for r in rows:
         assert r["n"] == 2 and np.isfinite(r["fd"][0]) and r["macs"] > 0, r["entry"]

@@ -249,10 +249,12 @@ def test_gates_are_registered_parameters_and_caches_are_not_state():
 
 
 @pytest.mark.parametrize("name", ["ref_dit", "sd3"])
-@pytest.mark.parametrize("options", [{}, {"reuse": "forecast", "granularity": 2, "max_age": 2}],
-                         ids=["copy", "forecast"])
+@pytest.mark.parametrize("options", [{}, {"reuse": "forecast", "granularity": 2, "max_age": 2},
+                                     {"reuse": "copy", "threshold": -0.5}],
+                         ids=["defaults", "forecast-groups", "copy-all-skip"])
 def test_cond_graph_and_eager_twin_agree(name, options):
-    """The graph compilers and exporters see (cond HOPs) computes what eager mode runs."""
+    """The graph compilers and exporters see (cond HOPs) computes what eager mode runs, also where
+    the twin leaves a follower site's norm and modulation out of calls that skip it."""
     arch = ARCHS[name]
     model = lazypass.apply(arch.build(), **options)
     args, kwargs = arch.inputs(4, 900, 0)
@@ -260,8 +262,10 @@ def test_cond_graph_and_eager_twin_agree(name, options):
     random_gates(model)
     rt = lazypass.runtime.runtime(model)
     prog, leaves = rt.program_for(args, kwargs)
+    if options.get("granularity", "step") != "site":
+        assert any(n.startswith("lazy_twin_prelude_") for n, _ in prog.eager.named_children())
     state = rt.fresh_state(prog, torch.device("cpu")).tensors
-    threshold = torch.tensor(0.5)
+    threshold = torch.tensor(options.get("threshold", 0.5))
     twin_state = [s.clone() for s in state]
     with torch.no_grad():
         for t in TIMESTEPS:

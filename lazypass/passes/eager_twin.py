@@ -20,6 +20,13 @@ is, which are the values ``where`` would give. So a call where no row skips writ
 computed output into its cache with one copy and no mask. The results are those of the
 ``cond`` graph, bit for bit. Parameters and branch modules are shared with the original
 graph, not copied.
+
+What only a computing branch reads is computed only when the branch computes: the nodes that
+feed nothing but a conditional's operands that its reusing branch ignores (a follower site's
+norm and modulation under ``granularity="step"``) move into a prelude that runs just before the
+computing branch, so a call where every row skips leaves them out. The same ops in the same
+order, so the values do not change; compiled and exported graphs keep them outside the ``cond``
+(moving them in there made Inductor assert on the strides of a transposed residual stream).
 """
 
 from __future__ import annotations
@@ -37,6 +44,17 @@ aten = torch.ops.aten
 
 def _direct_cond(pred, true_fn, false_fn, operands):
     return true_fn(*operands) if pred else false_fn(*operands)
+
+
+def _prelude_cond(pred, true_fn, false_fn, prelude, outer, operands, positions):
+    """``_direct_cond`` whose operands at ``positions`` (None here; ``true_fn`` never reads them) are
+    computed by ``prelude(*outer)`` only when ``false_fn`` runs."""
+    if pred:
+        return true_fn(*operands)
+    filled = list(operands)
+    for k, v in zip(positions, prelude(*outer)):
+        filled[k] = v
+    return false_fn(*filled)
 
 
 def _host_index(slot: torch.Tensor) -> int:
@@ -164,6 +182,7 @@ def eager_twin(gm: fx.GraphModule, cfg: LazyConfig | None = None, *, branch: boo
             node.target = _direct_cond
     if not branch:
         _host_decisions(graph, copied)
+        _preludes(graph, attrs)
     is_slot = (lambda n: n.op == "placeholder" and n.target == "slot") if branch else (lambda n: n.meta.get(SLOT))
     slot = next((n for n in graph.nodes if is_slot(n)), None)
     if slot is not None:
@@ -174,3 +193,53 @@ def eager_twin(gm: fx.GraphModule, cfg: LazyConfig | None = None, *, branch: boo
                 index = graph.call_function(_host_index, (slot,))
             _views(graph, slot, index)
     return fx.GraphModule(attrs, graph)
+
+
+def _pure(node: fx.Node) -> bool:
+    """A node that may run later than where it stands: no side effect, and no read of lazy state
+    (which the state writes before the conditional may change)."""
+    if node.op != "call_function" or not node.users:
+        return False
+    if node.target is not operator.getitem and not (isinstance(node.target, torch._ops.OpOverload)
+                                                    and not node.target._schema.is_mutable):
+        return False
+    return not any(a.op == "placeholder" and a.name.startswith("lazy_") or a.target is aten.select.int
+                   for a in node.all_input_nodes)  # ``_views``' state rows are ``select``s
+
+
+def _preludes(graph: fx.Graph, attrs: dict) -> None:
+    """Move what only a conditional's computing branch reads into a prelude of that branch."""
+    order = {n: k for k, n in enumerate(graph.nodes)}
+    nodes = list(graph.nodes)
+    for cond in [n for n in nodes if n.target is _direct_cond]:
+        pred, true_fn, false_fn, operands = cond.args
+        if true_fn.op != "get_attr":
+            continue
+        ignored = {p.name for p in attrs[true_fn.target].graph.nodes if p.op == "placeholder" and not p.users}
+        names = [p.name for p in attrs[true_fn.target].graph.nodes if p.op == "placeholder"]
+        free = {k for k, name in enumerate(names) if name in ignored}
+        used_elsewhere = {o for k, o in enumerate(operands) if k not in free} | {pred}
+        moved: set[fx.Node] = set()
+        for node in reversed(nodes[: order[cond]]):
+            if not _pure(node) or node in used_elsewhere:
+                continue
+            if all(u is cond or u in moved for u in node.users):
+                moved.add(node)
+        positions = tuple(k for k, o in enumerate(operands) if k in free and o in moved)
+        if not positions:
+            continue
+        body = sorted(moved, key=order.__getitem__)
+        outer = sorted({a for n in body for a in n.all_input_nodes if a not in moved}, key=order.__getitem__)
+        g = fx.Graph()
+        env = {a: g.placeholder(f"outer_{k}") for k, a in enumerate(outer)}
+        for n in body:
+            env[n] = g.node_copy(n, env.__getitem__)
+        g.output(tuple(env[operands[k]] for k in positions))
+        name = f"lazy_twin_prelude_{len([a for a in attrs if a.startswith('lazy_twin_prelude_')])}"
+        attrs[name] = fx.GraphModule(attrs, g)
+        with graph.inserting_before(cond):
+            prelude = graph.get_attr(name)
+        kept = tuple(None if k in positions else o for k, o in enumerate(operands))
+        cond.target, cond.args = _prelude_cond, (pred, true_fn, false_fn, prelude, tuple(outer), kept, positions)
+        for n in reversed(body):
+            graph.erase_node(n)

@@ -74,7 +74,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 import lazypass  # noqa: E402
 from digits_eval import (  # noqa: E402
     NULL_CLASS, SOLVERS, classifier_outputs, frechet_distance, gates_path, gaussian_stats, load_classifier,
-    load_digit_images, load_dit, make_solver, psnr, solver_sample,
+    load_digit_images, load_dit, make_solver, psnr, solver_sample, solver_tag,
 )  # fmt: skip
 from digits_fixed import (  # noqa: E402
     FixedRunner, alternating_table, load_schedule, schedule_path, spread_table, table_ratio,
@@ -275,7 +275,7 @@ class Bench:
 
     def reference(self, steps: int, seed: int, base: str = "DDIM") -> torch.Tensor:
         """Full-compute images of ``base`` (DDIM or a solver) at ``steps`` (saved: PSNR references)."""
-        tag = "" if base == "DDIM" else base.replace("(", "").replace(")", "").replace("+", "p") + "_"
+        tag = "" if base == "DDIM" else solver_tag(base) + "_"
         p = self.args.out / "images" / f"full{tag}{steps}_s{seed}_n{self.args.samples}.safetensors"
         if p.exists():
             return load_file(str(p))["images"]

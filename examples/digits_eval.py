@@ -98,8 +98,13 @@ FLOW_NUM_LABELS = 11  # digits 0-9 and the null label (NULL_CLASS) for classifie
 def gates_path(ratio: float, steps: int, solver: str = "DDIM") -> Path:
     """Where the main job's fitted gates live, e.g. ``digits_gates_50pct_20steps.safetensors``
     (gates fitted over another solver: ``digits_gates_unipc_30pct_10steps.safetensors``)."""
-    tag = "" if solver == "DDIM" else solver.lower().replace("+", "p").replace("(", "").replace(")", "") + "_"
+    tag = "" if solver == "DDIM" else solver_tag(solver).lower() + "_"
     return ASSETS / f"digits_gates_{tag}{round(ratio * 100)}pct_{steps}steps.safetensors"
+
+
+def solver_tag(solver: str) -> str:
+    """A solver's name as a file-name part: ``"DPM++(2M)"`` -> ``"DPMpp2M"``."""
+    return solver.replace("+", "p").replace("(", "").replace(")", "")
 
 
 def load_digit_images() -> tuple[Tensor, Tensor]:

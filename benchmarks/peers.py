@@ -1,7 +1,7 @@
 """lazypass side by side with diffusers' cache hooks, fixed schedules and fewer steps (issue 13).
 
     PYTHONPATH=$PWD python benchmarks/peers.py                  # both digits models, writes docs/peers*
-    PYTHONPATH=$PWD python benchmarks/peers.py --quick          # 64 samples, one setting per method: 148 s of CPU
+    PYTHONPATH=$PWD python benchmarks/peers.py --quick          # 64 samples, one setting per method: ~2 min
     PYTHONPATH=$PWD python benchmarks/peers.py --from-json a/peers/results.json b/peers/results.json  # rewrite, merged
     PYTHONPATH=$PWD python benchmarks/peers.py --models flow --threads 1 --note "busy machine"
     PYTHONPATH=$PWD python benchmarks/peers.py --quality-from docs/peers/results.json  # latency + correctness only
@@ -13,6 +13,12 @@ weights, the same gate files by content and the same settings) and measures only
 correctness checks, so the quality part can run on a busy machine and the rest on a quiet one.
 With ``--no-compile`` as well, the torch.compile / torch.export results are kept from the earlier
 run (they do not depend on load either) and only latency and *batch vs one* are measured.
+
+The plain command does both in one go (``--jobs``, default 2 for the two models): each model's
+quality part and compile / export checks in a process of its own, one thread each, both at once
+(one per core), then latency and *batch vs one* in the main process on its own, from their merged
+results (``--quality-from`` of them, ``--no-compile``): 20 minutes or less on 2 cores instead of
+the 40 of one model after the other.
 
 Two digits models, both in diffusers format, each sampled the way its pipeline would:
 
@@ -46,7 +52,7 @@ and eager latency per image at batch 1 and batch 8 (median of interleaved repeat
 dispatch mode with torch's FLOP formulas (matmuls, linears, convolutions and attention, including
 CPU SDPA; not ``FlopCounterMode``, whose global module hooks make a lazy model run plain), so a hook
 that skipped a block did not add its MACs. The images are sampled ``--eval-batch`` rows at a time
-(default all at once). Hooks decide for the whole batch, so what ran per image is the count
+(default 100: a third faster on the CPU than all 1,000 at once). Hooks decide for the whole batch, so what ran per image is the count
 divided by the rows. lazypass decides per sample and its images do not depend on the batch (the
 correctness check measures it), so its MACs per image are those of the image sampled on its own:
 the measured full-call MACs minus the MACs of the branches that sample skipped (``lazypass.stats``
@@ -55,11 +61,13 @@ count is in the ``batch MACs`` column.
 
 **Correctness** per method, at the setting closest to 50% of full compute, on the first 8 samples:
 batch of 8 against 8 runs of one (max abs difference of the images); ``torch.compile(fullgraph=True,
-dynamic=False)`` of one sampling run (backend ``lazydit`` for lazypass, ``eager`` for the rest: the
-check is about dynamo's graph capture and guards) with the number of recompiles it causes (from
-dynamo's ``recompiles`` log; when fullgraph fails on a graph break, again with fullgraph=False); and
-``torch.export.export`` of the model as the method leaves it, then a sampling run with the exported
-module compared with the method's eager run.
+dynamic=False)`` of one sampling run of the first 2 samples (backend ``lazydit`` for lazypass,
+``eager`` for the rest: the check is about dynamo's graph capture and guards) with the number of
+recompiles it causes (from dynamo's ``recompiles`` log; when fullgraph fails on a graph break, again
+with fullgraph=False); and ``torch.export.export`` of the model as the method leaves it, then a
+sampling run of the 2 samples with the exported module compared with the method's eager run. At
+batch 2 since a lazy graph at 4 samples or more also holds its row-compaction variants, which triple
+the compile (``COMPILE_BATCH``).
 
 Outputs under ``--out`` (default docs): ``peers.md`` (tables at about 50% and 70% of full compute,
 interpolated along each method's curve and marked so, who wins, every setting, the correctness
@@ -108,9 +116,14 @@ from digits_eval import (  # noqa: E402
 
 BUDGETS = (0.5, 0.7)  # fractions of full compute the tables are read at
 EVAL_SEED, FIT_SEED, CAL_SEED = 0, 10_000, 20_000  # noise of evaluation, fitting, calibration: never shared
+# torch.compile / torch.export checks at batch 2: at 4 or more a lazy graph also holds its row-compaction
+# variants (one per bucket size), which triple the lazydit compile of the flow model (373 s against 113 s);
+# tests/passes/test_compact.py compiles those fullgraph
+COMPILE_BATCH = 2
 TOLERANCE = 0.01  # a setting within this (fraction of full compute) of a budget is read as measured
 
 HOOKS = ("FirstBlockCache", "TaylorSeer", "MagCache", "PAB", "FasterCache", "SeaCache")
+METHODS = ("fewer steps", "lazypass", "fixed copy", "fixed forecast", *HOOKS)  # as build_methods lists them
 
 # Why a hook is left out on a model, or how it was adapted (one line each; shown in peers.md).
 HOOK_NOTES = {
@@ -157,6 +170,7 @@ class Spec:
     sweeps: dict[str, tuple]  # knob values per method (full mode)
     taylor_blocks: str  # regex (fullmatch) of the modules TaylorSeer caches
     shim_blocks: bool  # FBC / SeaCache on all blocks but the last (SD3)
+    tail: tuple[str, ...] = ()  # methods a second process measures in a parallel run (``in_parallel``)
     transformer: Any = None
     label_embedding: Any = None
 
@@ -194,7 +208,7 @@ class Spec:
         return json.loads(json.dumps(dict(
             model=self.name, steps=self.steps, fewer=self.fewer, sweeps=self.sweeps, taylor_blocks=self.taylor_blocks,
             shim_blocks=self.shim_blocks, weights=file_hash(self.weight_files()), quick=bool(args.quick),
-            samples=args.samples, eval_batch=args.eval_batch or args.samples, seeds=[EVAL_SEED, FIT_SEED, CAL_SEED],
+            samples=args.samples, eval_batch=args.eval_batch, seeds=[EVAL_SEED, FIT_SEED, CAL_SEED],
         )))  # fmt: skip
 
 
@@ -209,9 +223,10 @@ def specs() -> dict[str, Spec]:
             "dit", "DiT digits (DiTTransformer2DModel, DDIM)", 20, (14, 12, 10, 8),
             sweeps=dict(lazypass=(0.25, 0.35, 0.5, 0.6), fixed=(0.3, 0.5),
                         FirstBlockCache=(0.05, 0.1, 0.2, 0.3), TaylorSeer=((2, 10), (2, 6), (2, 3), (3, 3)),
-                        MagCache=(0.03, 0.06, 0.12, 0.25), PAB=(2, 5), FasterCache=(2, 5),
+                        MagCache=(0.05, 0.12, 0.25), PAB=(2, 5), FasterCache=(2, 5),
                         SeaCache=(0.1, 0.25, 0.5)),
             taylor_blocks=r"transformer_blocks\.\d+\.(attn1|ff)", shim_blocks=False,
+            tail=("SeaCache",),  # ~3 of DiT's ~17 minutes: after flow's ~11, both cores end together
         ),  # fmt: skip
         "flow": Spec(
             "flow", "flow-matching digits (SD3Transformer2DModel, Euler)", 8, (6, 5, 4, 3),
@@ -826,7 +841,7 @@ def _short(e: BaseException) -> str:
     return text[:160]
 
 
-def compile_check(row: Row, spec: Spec, noise8, labels8, eager: Tensor, backend: str | None) -> dict:
+def compile_check(row: Row, spec: Spec, noise, labels, eager: Tensor, backend: str | None) -> dict:
     import torch._dynamo
 
     runner = row.runner
@@ -843,7 +858,7 @@ def compile_check(row: Row, spec: Spec, noise8, labels8, eager: Tensor, backend:
         try:
             with RecompileLog() as rc, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                images = sample(runner, spec, noise8, labels8, row.steps)
+                images = sample(runner, spec, noise, labels, row.steps)
             ok, err = True, ""
         except Exception as e:  # noqa: BLE001 - the check records whatever fails
             ok, err, images = False, _short(e), None
@@ -859,15 +874,15 @@ def compile_check(row: Row, spec: Spec, noise8, labels8, eager: Tensor, backend:
     return out
 
 
-def export_check(row: Row, spec: Spec, noise8, labels8, eager: Tensor, full8: Tensor) -> dict:
+def export_check(row: Row, spec: Spec, noise, labels, eager: Tensor, full_images: Tensor) -> dict:
     """``torch.export.export`` of the model as the method leaves it (state fresh, first call's
     inputs), then a whole sampling run with the exported module in its place."""
     runner = row.runner
     sched = spec.scheduler()
     sched.set_timesteps(row.steps)
     t0 = sched.timesteps[0]
-    x = noise8 * float(getattr(sched, "init_noise_sigma", 1.0))
-    kwargs = dict(timestep=t0.expand(8), **spec.cond(labels8))
+    x = noise * float(getattr(sched, "init_noise_sigma", 1.0))
+    kwargs = dict(timestep=t0.expand(noise.shape[0]), **spec.cond(labels))
     start = time.perf_counter()
     runner.begin()
     runner.before_call(0, t0, spec.sigma(sched, 0, t0), row.steps)
@@ -882,9 +897,9 @@ def export_check(row: Row, spec: Spec, noise8, labels8, eager: Tensor, full8: Te
     exported = ep.module()
     runner.model = exported
     try:
-        images = sample(runner, spec, noise8, labels8, row.steps)
+        images = sample(runner, spec, noise, labels, row.steps)
         diff = float((images - eager).abs().max())
-        full = float((images - full8).abs().max())
+        full = float((images - full_images).abs().max())
         return dict(ok=True, error="", diff=diff, diff_full=full, seconds=round(time.perf_counter() - start, 1))
     except Exception as e:  # noqa: BLE001
         return dict(ok=True, error="exported module fails in the sampling loop: " + _short(e),
@@ -893,11 +908,11 @@ def export_check(row: Row, spec: Spec, noise8, labels8, eager: Tensor, full8: Te
         runner.model = runner.module
 
 
-def correctness(rows: list[Row], spec: Spec, noise: Tensor, labels: Tensor, args, log) -> list[dict]:
-    """Per method, at its setting closest to 50% of full compute."""
+def correctness(rows: list[Row], full: Row, spec: Spec, noise: Tensor, labels: Tensor, args, log) -> list[dict]:
+    """Per method, at its setting closest to 50% of full compute (``full``: the full-compute row)."""
     noise8, labels8 = noise[:8], labels[:8]
-    full_runner = next(r for r in rows if r.method == "fewer steps" and r.steps == spec.steps).runner
-    full8 = sample(full_runner, spec, noise8, labels8, spec.steps)
+    small = slice(0, COMPILE_BATCH)
+    full_small = sample(full.runner, spec, noise[small], labels[small], spec.steps) if args.compile else None
     out = []
     for method in dict.fromkeys(r.method for r in rows):
         candidates = [r for r in rows if r.method == method]
@@ -911,8 +926,9 @@ def correctness(rows: list[Row], spec: Spec, noise: Tensor, labels: Tensor, args
             res["compile"] = res["export"] = None
         else:
             backend = None if row.runner.kind == "lazypass" and method == "lazypass" else "eager"
-            res["compile"] = compile_check(row, spec, noise8, labels8, batch, backend)
-            res["export"] = export_check(row, spec, noise8, labels8, batch, full8)
+            eager = sample(row.runner, spec, noise[small], labels[small], row.steps)
+            res["compile"] = compile_check(row, spec, noise[small], labels[small], eager, backend)
+            res["export"] = export_check(row, spec, noise[small], labels[small], eager, full_small)
         res["seconds"] = round(time.perf_counter() - start, 1)
         log(f"  {method:16s} batch vs one {res['batch_vs_one']:.2g}  compile {_compile_text(res['compile'])}  "
             f"export {_export_text(res['export'])}  ({res['seconds']} s)")  # fmt: skip
@@ -1127,8 +1143,9 @@ def markdown(results: dict, meta: dict) -> str:
                   + ".", ""]  # fmt: skip
         if res["correctness"]:
             lines += ["### Correctness", "",
-                      "At each method's setting closest to 50% of full compute, first 8 samples. *batch vs one*: "
-                      "max abs difference between the batch of 8 and 8 runs of one.", ""]  # fmt: skip
+                      "At each method's setting closest to 50% of full compute. *batch vs one*: max abs difference "
+                      "between the batch of the first 8 samples and 8 runs of one. torch.compile and torch.export: "
+                      f"one sampling run of the first {COMPILE_BATCH} samples, against the method's eager run.", ""]  # fmt: skip
             body = [[c["method"], c["setting"], f"{c['batch_vs_one']:.1e}", _compile_text(c["compile"]),
                      _export_text(c["export"])] for c in res["correctness"]]  # fmt: skip
             lines.append(tabulate(body, headers=["method", "setting", "batch vs one", "torch.compile", "torch.export"],
@@ -1221,6 +1238,9 @@ def run_model(spec: Spec, args, classifier, real_stats, log, saved: dict | None 
 
     with stage("setup (load gates, calibration)" if saved else "setup (fit or load gates, thresholds, MagCache calibration)"):
         methods, gate_info, calibration = build_methods(spec, base, args, clock, cal, log, saved)
+    reference = methods[0].settings[0]  # full compute: FD to it and PSNR of every setting
+    if args.methods:  # one part of a model's methods (``in_parallel``)
+        methods = [m for m in methods if m.name in args.methods]
     rows: list[Row] = []
     if saved is not None:
         check_saved(spec, saved, methods, gate_info, args)
@@ -1229,8 +1249,10 @@ def run_model(spec: Spec, args, classifier, real_stats, log, saved: dict | None 
                 rows.append(Row(**{**record, "latency_b1": None, "latency_b8": None}, runner=setting.make()))
         log(f"  FD / PSNR / MACs of {len(rows)} settings read from the earlier run")
     else:
-        ev = Evaluator(spec, classifier, real_stats, noise, labels, args.eval_batch or args.samples)
+        ev = Evaluator(spec, classifier, real_stats, noise, labels, args.eval_batch)
         with stage("FD / PSNR / MACs of every setting"):
+            if methods[0].settings[0] is not reference:
+                full_row = ev.measure(reference)  # measured, not listed: another part lists it
             for method in methods:
                 for setting in method.settings:
                     row = ev.measure(setting)
@@ -1243,8 +1265,12 @@ def run_model(spec: Spec, args, classifier, real_stats, log, saved: dict | None 
         with stage("latency"):
             latency(rows, spec, noise, labels, args.latency_images, args.latency_repeats)
         log(f"  latency measured in {stages['latency']:.0f} s")
+    full = next((r for r in rows if r.method == "fewer steps" and r.steps == spec.steps), None)
+    if full is None:
+        full = full_row if saved is None else Row(**{**saved["full"], "latency_b1": None, "latency_b8": None})
+        full.runner = reference.make()
     with stage("correctness checks"):
-        checks = correctness(rows, spec, noise, labels, args, log)
+        checks = correctness(rows, full, spec, noise, labels, args, log)
     if saved is not None and not args.compile:  # compile / export results do not depend on load: keep the earlier
         before = {(c["method"], c["setting"]): c for c in saved["correctness"]}
         for c in checks:
@@ -1252,14 +1278,13 @@ def run_model(spec: Spec, args, classifier, real_stats, log, saved: dict | None 
             if old is not None and old.get("compile") is not None:
                 c.update(compile=old["compile"], export=old["export"], checks_from="earlier run")
     tables = budget_tables(rows)
-    full = next(r for r in rows if r.method == "fewer steps" and r.steps == spec.steps)
     if saved is not None:  # the quality stage of the run the numbers come from
         quality = {k: v for k, v in saved["stages"].items() if k.startswith("FD /")}
         stages.update({f"{k} (earlier run)": v for k, v in quality.items()})
         cpu.update({f"{k} (earlier run)": v for k, v in saved.get("stages_cpu", {}).items() if k.startswith("FD /")})
     return dict(
         title=spec.title, steps=spec.steps, sampler=spec.sampler_name(), samples=args.samples,
-        eval_batch=args.eval_batch or args.samples, spec=spec.fingerprint(args), full=full.record(),
+        eval_batch=args.eval_batch, spec=spec.fingerprint(args), full=full.record(),
         rows=[r.record() for r in rows], tables={b: dict(values=t["values"], ranked=t["ranked"]) for b, t in tables.items()},
         who_wins=who_wins(tables), gates=gate_info, calibration=calibration, correctness=checks,
         seconds=round(time.perf_counter() - t_model, 1), stages={k: round(v, 1) for k, v in stages.items()},
@@ -1300,12 +1325,12 @@ def check_saved(spec: Spec, saved: dict, methods: list[Method], gate_info: dict,
                               f"{missing or 'none'}; measured then, not now: {extra or 'none'}); {fix}")
 
 
-def main(argv=None) -> dict:
+def main(argv=None, *, print_headline: bool = True) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["dit", "flow"], choices=["dit", "flow"])
     p.add_argument("--quick", action="store_true", help="64 samples, one setting per method, no compile/export")
     p.add_argument("--samples", type=int, default=None, help="default 1000 (64 with --quick)")
-    p.add_argument("--eval-batch", type=int, default=None, help="rows per sampling call (default: all samples)")
+    p.add_argument("--eval-batch", type=int, default=None, help="rows per sampling call (default 100)")
     p.add_argument("--latency-images", type=int, default=None, help="batch-1 images per round (default 2, quick 1)")
     p.add_argument("--latency-repeats", type=int, default=None, help="rounds (default 3, quick 1; 0: skip)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -1316,6 +1341,10 @@ def main(argv=None) -> dict:
     p.add_argument("--gates-dir", type=Path, default=ROOT / "examples" / "assets" / "peers")
     p.add_argument("--scratch", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "lazypass-peers")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", nargs="+", default=None, help=argparse.SUPPRESS)  # a part of a model (in_parallel)
+    p.add_argument("--jobs", type=int, default=None,
+                   help="models whose quality part runs at once, one process each with one thread (default: "
+                        "every model, 2 at most, 1 with --quick or --quality-from); latency then runs on its own")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="peers.md and peers/*.png go here")
     p.add_argument("--note", default="", help="a line printed at the top of peers.md and the plots")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
@@ -1328,10 +1357,21 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if args.from_json is not None:
         return rewrite(args)
+    unknown = [m for m in args.methods or () if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose among {', '.join(METHODS)}")
+    if args.jobs is None:
+        args.jobs = 1 if args.quick or args.quality_from is not None else min(2, len(args.models))
+    if args.jobs > 1 and len(args.models) > 1:
+        if args.quality_from is not None:
+            raise SystemExit("--jobs runs the quality part in parallel; with --quality-from there is none to run "
+                             "(leave out --jobs)")
+        return in_parallel(args, argv if argv is not None else sys.argv[1:])
     earlier = None
     if args.quality_from is not None:
         earlier = load_earlier(args)
     args.samples = args.samples or (64 if args.quick else 1000)
+    args.eval_batch = min(args.eval_batch or 100, args.samples)
     if args.latency_images is None:
         args.latency_images = 1 if args.quick else 2
     if args.latency_repeats is None:
@@ -1374,8 +1414,125 @@ def main(argv=None) -> dict:
         meta["quality_from"] = dict(path=_rel(args.quality_from.resolve()), conditions=earlier["meta"]["conditions"])
     write(results, meta, args.out)
     log(conditions)
-    print(head, flush=True)
+    if print_headline:
+        print(head, flush=True)
     return dict(meta=meta, results=results)
+
+
+def in_parallel(args, argv: list[str]) -> dict:
+    """The whole benchmark with the models' quality parts (FD / PSNR / MACs and the torch.compile /
+    torch.export checks, which do not depend on load) in ``args.jobs`` processes at once, one thread
+    each, then latency and *batch vs one* in this process on its own (``--quality-from`` of their
+    merged results, ``--no-compile``), so the timings are taken on a quiet machine."""
+    import subprocess
+    import threading
+
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
+    work = args.scratch / f"parallel-{os.getpid()}"
+    passed = _without(argv, {"--models": -1, "--methods": -1, "--jobs": 1, "--out": 1, "--threads": 1, "--latency-repeats": 1,
+                             "--latency-images": 1, "--note": 1})  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+    def relay(name: str, stream) -> None:
+        for line in stream:
+            print(f"[{name}] {line}", end="", file=sys.stderr, flush=True)
+
+    # one unit per model, and a second for the methods of a model's ``tail``, queued last: the longest
+    # model starts first, and its tail runs on the core the shorter one leaves
+    units = {name: () for name in args.models}
+    for name in args.models:
+        tail = specs()[name].tail
+        if tail:
+            units[name] = tuple(m for m in METHODS if m not in tail)
+            units[f"{name}.tail"] = tail
+    pending, relays = list(units), []
+    running: dict[str, subprocess.Popen] = {}
+    failed = []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            model = name.split(".")[0]
+            cmd = [sys.executable, str(Path(__file__).resolve()), *passed, "--models", model, "--jobs", "1",
+                   "--threads", "1", "--latency-repeats", "0", "--out", str(work / name)]  # fmt: skip
+            if units[name]:
+                cmd += ["--methods", *units[name]]
+            proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+            relays.append(threading.Thread(target=relay, args=(name, proc.stderr), daemon=True))
+            relays[-1].start()
+            running[name] = proc
+        time.sleep(0.5)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                if proc.returncode != 0:
+                    failed.append(f"{name} (exit {proc.returncode})")
+    for t in relays:
+        t.join()
+    if failed:
+        raise SystemExit(f"the quality part failed for {', '.join(failed)}; its output is above")
+    quality_wall = time.perf_counter() - start
+    parts = {n: json.loads((work / n / "peers" / "results.json").read_text()) for n in units}
+    results = {}
+    for name, part in parts.items():
+        model = name.split(".")[0]
+        res = part["results"][model]
+        results[model] = res if model not in results else _merge_parts(results[model], res)
+    merged = dict(meta=dict(next(iter(parts.values()))["meta"]), results=results)
+    merged["meta"]["conditions"] = " / ".join(f"{n}: {p['meta']['conditions']}" for n, p in parts.items())
+    quality_json = work / "merged.json"
+    quality_json.write_text(json.dumps(merged, indent=1, default=repr) + "\n")
+    rest = _without(argv, {"--jobs": 1, "--compile": 0, "--no-compile": 0})
+    out = main([*rest, "--jobs", "1", "--quality-from", str(quality_json), "--no-compile"], print_headline=False)
+    meta = out["meta"]
+    meta["command"] = ("PYTHONPATH=$PWD python benchmarks/peers.py " + shlex.join(argv)).strip()
+    meta["conditions"] = (
+        f"the quality parts in {len(units)} processes ({', '.join(_unit_text(n, m) for n, m in units.items())}), "
+        f"{min(args.jobs, len(units))} at once, 1 thread each, {quality_wall / 60:.1f} min wall: "
+        f"{merged['meta']['conditions']} Then latency and batch vs one on "
+        f"their own: {meta['conditions'].split('Latency and correctness: ')[-1]} Load average {load0:.1f} at the "
+        f"start; the whole command {(time.perf_counter() - start) / 60:.1f} min wall.")  # fmt: skip
+    meta.pop("quality_from", None)
+    write(out["results"], meta, args.out)
+    print(meta["conditions"], file=sys.stderr, flush=True)
+    print(meta["headline"], flush=True)
+    return out
+
+
+def _unit_text(name: str, methods: tuple[str, ...]) -> str:
+    if not methods:
+        return name
+    return f"{name}: {' and '.join(methods)}" if name.endswith(".tail") else f"{name}: the other methods"
+
+
+def _merge_parts(a: dict, b: dict) -> dict:
+    """One model's results from two processes that measured different methods (same samples, gates
+    and calibration): rows and checks in the methods' order, the stages' seconds added up."""
+    def order(items):
+        return sorted(items, key=lambda r: METHODS.index(r["method"]))  # stable: settings keep their order
+
+    out = dict(a, rows=order(a["rows"] + b["rows"]), correctness=order(a["correctness"] + b["correctness"]))
+    out["full"] = a["full"] if a["rows"] and a["rows"][0]["method"] == "fewer steps" else b["full"]
+    for key in ("stages", "stages_cpu"):
+        out[key] = {k: round(a[key].get(k, 0) + b[key].get(k, 0), 1) for k in {**a[key], **b[key]}}
+    out["seconds"] = round(a["seconds"] + b["seconds"], 1)
+    return out
+
+
+def _without(argv: list[str], options: dict[str, int]) -> list[str]:
+    """``argv`` less the given options (name -> number of values, -1: every value up to the next
+    option; ``--name=value`` too)."""
+    out, skip = [], 0
+    for a in argv:
+        if skip and not (skip < 0 and a.startswith("--")):
+            skip -= 1
+            continue
+        skip = 0
+        name = a.split("=", 1)[0]
+        if name in options:
+            skip = 0 if "=" in a else options[name]
+            continue
+        out.append(a)
+    return out
 
 
 def load_earlier(args) -> dict:

@@ -78,6 +78,30 @@ def test_quick_benchmark_both_models(tmp_path):
     _quick(tmp_path, ["dit", "flow"])
 
 
+@pytest.mark.slow
+def test_default_run_measures_latency_after_the_parallel_quality_parts(tmp_path):
+    """``--jobs 2`` (the default of a full run): one process per model for the quality part, then
+    latency and batch vs one here, from their merged results; one command in the page."""
+    import peers
+
+    out = peers.main(["--quick", "--jobs", "2", "--samples", "16", "--threads", "1", "--latency-repeats", "1",
+                      "--latency-images", "1", "--scratch", str(tmp_path / "scratch"), "--out", str(tmp_path)])
+    assert set(out["results"]) == {"dit", "flow"}
+    assert peers.specs()["dit"].tail  # DiT's tail methods ran in a third process and were merged back
+    for res in out["results"].values():
+        assert res["samples"] == 16
+        methods = [r["method"] for r in res["rows"]]
+        assert set(methods) == set(peers.METHODS) and methods == sorted(methods, key=peers.METHODS.index)
+        assert [c["method"] for c in res["correctness"]] == list(peers.METHODS)
+        assert res["full"]["method"] == "fewer steps" and res["full"]["fraction"] == 1.0
+        assert all(r["latency_b1"] is not None and r["fd"] is not None for r in res["rows"])
+        assert all(math.isfinite(c["batch_vs_one"]) for c in res["correctness"])
+    meta = json.loads((tmp_path / "peers" / "results.json").read_text())["meta"]
+    assert meta["command"].count("benchmarks/peers.py") == 1
+    assert "3 processes" in meta["conditions"] and "2 at once" in meta["conditions"]
+    assert meta["headline"] == out["meta"]["headline"]
+
+
 def _quick(tmp_path, models):
     """The quality part on its own (no latency), then ``--quality-from`` on its results: latency and
     the correctness checks, FD / PSNR / MACs read back unchanged; and a mismatch refused."""

@@ -1343,8 +1343,9 @@ def main(argv=None, *, print_headline: bool = True) -> dict:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="+", default=None, help=argparse.SUPPRESS)  # a part of a model (in_parallel)
     p.add_argument("--jobs", type=int, default=None,
-                   help="models whose quality part runs at once, one process each with one thread (default: "
-                        "every model, 2 at most, 1 with --quick or --quality-from); latency then runs on its own")
+                   help="quality processes at once (one per model, and one for a model's tail methods), one "
+                        "thread each (default 2; 1 with --quick, --quality-from or one model: all in this process); "
+                        "latency then runs on its own")
     p.add_argument("--out", type=Path, default=ROOT / "docs", help="peers.md and peers/*.png go here")
     p.add_argument("--note", default="", help="a line printed at the top of peers.md and the plots")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
@@ -1429,8 +1430,8 @@ def in_parallel(args, argv: list[str]) -> dict:
 
     start, load0 = time.perf_counter(), os.getloadavg()[0]
     work = args.scratch / f"parallel-{os.getpid()}"
-    passed = _without(argv, {"--models": -1, "--methods": -1, "--jobs": 1, "--out": 1, "--threads": 1, "--latency-repeats": 1,
-                             "--latency-images": 1, "--note": 1})  # fmt: skip
+    passed = _without(argv, {"--models": -1, "--methods": -1, "--jobs": 1, "--out": 1, "--threads": 1,
+                             "--latency-repeats": 1, "--latency-images": 1, "--note": 1})  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
     def relay(name: str, stream) -> None:

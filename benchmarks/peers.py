@@ -52,12 +52,13 @@ and eager latency per image at batch 1 and batch 8 (median of interleaved repeat
 dispatch mode with torch's FLOP formulas (matmuls, linears, convolutions and attention, including
 CPU SDPA; not ``FlopCounterMode``, whose global module hooks make a lazy model run plain), so a hook
 that skipped a block did not add its MACs. The images are sampled ``--eval-batch`` rows at a time
-(default 100: a third faster on the CPU than all 1,000 at once). Hooks decide for the whole batch, so what ran per image is the count
-divided by the rows. lazypass decides per sample and its images do not depend on the batch (the
-correctness check measures it), so its MACs per image are those of the image sampled on its own:
-the measured full-call MACs minus the MACs of the branches that sample skipped (``lazypass.stats``
-x ``Site.macs``). At the evaluation batch a branch is only saved when every row skips it; that
-count is in the ``batch MACs`` column.
+(default 100: a third faster on the CPU than all 1,000 at once). Hooks decide for the whole batch,
+so what ran per image is the count divided by the rows. lazypass decides per sample and its images
+do not depend on the batch (the correctness check measures it), so its MACs per image are those of
+the image sampled on its own: the measured full-call MACs minus the MACs of the branches that sample
+skipped (``lazypass.stats`` x ``Site.macs``). At the evaluation batch a branch runs on the rows that
+compute, padded up to a bucket size (row compaction); what that executed is the ``batch MACs``
+column.
 
 **Correctness** per method, at the setting closest to 50% of full compute, on the first 8 samples:
 batch of 8 against 8 runs of one (max abs difference of the images); ``torch.compile(fullgraph=True,

@@ -1127,8 +1127,8 @@ def markdown(results: dict, meta: dict) -> str:
                                              "lazy", "FD", "FD vs full", "PSNR dB", "ms/img b=1", "ms/img b=8",
                                              "finite"], tablefmt="github"))  # fmt: skip
         lines += ["", "*compute*: executed MACs per image / full compute. *batch M MACs/img*: what the "
-                  f"evaluation batch of {res['eval_batch']} ran, per image (lazypass saves a branch there only "
-                  "when every row skips it).", ""]  # fmt: skip
+                  f"evaluation batch of {res['eval_batch']} ran, per image (lazypass runs a branch there on the "
+                  "rows that compute, padded up to a bucket size).", ""]  # fmt: skip
         lines += ["### Hooks on this model", ""]
         lines += [f"- **{k}**: {v}" for k, v in HOOK_NOTES[name].items()]
         plain = [m for m in HOOKS if m not in HOOK_NOTES[name]]

@@ -166,7 +166,7 @@ class Oracle:
     """Per-sample, per-step oracle over a lazy forecast model (see the module docstring).
 
     It reads and writes the lazy model's cache state between its two calls per step
-    (``runtime(model).state.tensors``: batch on dim 1 of the per-site state, dim 0 of
+    (``runtime(model).state.as_tensors()``: batch on dim 1 of the per-site state, dim 0 of
     ``lazy_last_t``), which no user code should do; it is a measuring device only.
     """
 
@@ -184,21 +184,23 @@ class Oracle:
                 lazypass.set_threshold(self.lazy, 1.5)
                 decisions.append(torch.zeros(x.shape[0], dtype=torch.bool))
                 return self.lazy(x, t, y)
-            state = rt.state.tensors
-            before = [s.clone() for s in state]
+            state = rt.state
+            before = [s.clone() for s in state.as_tensors()]
             lazypass.set_threshold(self.lazy, -0.5)  # every branch reuses (forecast)
             e_reuse = self.lazy(x, t, y)
-            reused = [s.clone() for s in state]
-            for s, b in zip(state, before):
-                s.copy_(b)
+            reused = [s.clone() for s in state.as_tensors()]
+            state.load(before)
             lazypass.set_threshold(self.lazy, 1.5)  # every branch computes
             e_full = self.lazy(x, t, y)
             skip = w2[i] * (e_reuse - e_full).pow(2).flatten(1).mean(1) < tau
-            for s, r in zip(state, reused):
+            merged = []
+            for s, r in zip(state.as_tensors(), reused):
                 if s.dim() >= 1 and s.shape[min(1, s.dim() - 1)] == x.shape[0]:
                     axis = 1 if s.dim() >= 2 else 0
                     mask = skip.view([1] * axis + [-1] + [1] * (s.dim() - axis - 1))
-                    s.copy_(torch.where(mask, r, s))
+                    s = torch.where(mask, r, s)
+                merged.append(s)
+            state.load(merged)
             decisions.append(skip)
             return torch.where(skip.view(-1, 1, 1, 1), e_reuse, e_full)
 

@@ -72,8 +72,21 @@ class State:
     """Caches and bookkeeping of one sampling run, plus what happened at its last calls."""
 
     key: tuple
-    tensors: list[torch.Tensor]
+    tensors: list  # per state spec: a (K, ...) tensor, or a list of its K rows (``Runtime.fresh_state``)
     records: collections.deque = field(default_factory=lambda: collections.deque(maxlen=RECORDS))
+
+    def as_tensors(self) -> list[torch.Tensor]:
+        """The run's state as the ``(K, ...)`` tensors the program takes (rows held as a list are
+        stacked, a copy)."""
+        return [torch.stack(s) if isinstance(s, list) else s for s in self.tensors]
+
+    def load(self, tensors: list[torch.Tensor]) -> None:
+        """Set the run's state to ``tensors``, shaped as :meth:`as_tensors` gives them."""
+        for k, (held, new) in enumerate(zip(self.tensors, tensors, strict=True)):
+            if isinstance(held, list):
+                self.tensors[k] = list(new.clone().unbind(0))
+            else:
+                held.copy_(new)
 
 
 class Runtime:
@@ -280,7 +293,11 @@ class Runtime:
         self.current_run().state = value
 
     def fresh_state(self, prog: Program, device: torch.device) -> State:
-        return State(prog.key, [spec.initial(device) for spec in prog.state_specs[1:]])
+        """Empty caches for a run of ``prog``'s eager twin: the states it only reads and writes by
+        row as lists of rows (a write then rebinds a row instead of copying into it)."""
+        rows = prog.eager.row_states
+        return State(prog.key, [list(spec.initial(device).unbind(0)) if spec.name in rows else spec.initial(device)
+                                for spec in prog.state_specs[1:]])
 
     def threshold_tensor(self, device: torch.device) -> torch.Tensor:
         t = self._threshold_tensors.get(device)
@@ -290,7 +307,10 @@ class Runtime:
         return t
 
     def set_threshold(self, value: float) -> None:
-        self.threshold = check_threshold(value)
+        value = check_threshold(value)
+        if value == self.threshold:
+            return  # unchanged: the eager twin keeps its logit of it (a fill would look like a change)
+        self.threshold = value
         for t in self._threshold_tensors.values():
             t.fill_(self.threshold)  # in place: compiled graphs keep reading the same tensor
 
@@ -319,7 +339,7 @@ class Runtime:
                 run.state = None
             raise
         n = prog.n_user_outputs
-        state.records.append(tuple(outs[n:]))
+        state.records.append(outs[n])  # the twin's Records: computed when read
         run.state, run.program = state, prog
         self.program = prog
         self.compiled_last = False

@@ -310,7 +310,7 @@ def _caches(model):
     """The branch caches of the current run (not the fp32 gate statistics such as pools)."""
     rt = runtime(model)
     names = [spec.name for spec in rt.program.state_specs[1:]]
-    return [t for name, t in zip(names, rt.state.tensors) if name.startswith("lazy_cache_")]
+    return [t for name, t in zip(names, rt.state.as_tensors()) if name.startswith("lazy_cache_")]
 
 
 @pytest.mark.parametrize("name", ["pixart", "flux"])

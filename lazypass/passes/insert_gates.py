@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 SLOT = "lazy_slot"  # node.meta key of the node that holds this call's cache slot (the eager twin reads it)
 FLAGS = "lazy_flags"  # on a group's (B,) skip: its (all, any) and the rows' valid flags (read on the host by the eager twin)
 ROWS = "lazy_rows"  # on where(mask of flags, a, b): the (B,) flags; a if all are set, b if none is
+RECORD = "lazy_record"  # on the per-call records (skipped, saved, scores, computed) the graph returns last
 
 
 @dataclass
@@ -302,6 +303,8 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
         else:
             records.append(call(aten.stack.default, [call(aten.select.int, whole, 0, k) if c is None else c
                                                      for k, c in enumerate(computed)]))
+    for r in records:
+        r.meta[RECORD] = True
     output.args = (tuple(outputs) + tuple(records),)
     info.state_specs = specs
     info.n_user_outputs = len(outputs)

@@ -186,12 +186,13 @@ def _dispatched(fn) -> tuple[int, int]:
 
 
 @pytest.mark.parametrize("reuse", ["forecast", "copy"])
-def test_eager_bookkeeping_is_a_few_ops_per_site_and_one_write_per_computed_output(reuse):
+def test_eager_bookkeeping_is_a_few_ops_per_site_and_copies_no_output(reuse):
     """Op-count ceilings of the eager program (not timings): a call where nothing skips costs the
     original's ops plus a few per site (the group's decision and state are paid once per call with
-    the default granularity="step"), and writes each computed output once into its cache (and the
-    cache into ``prev`` when forecasting); a call where every site skips dispatches fewer ops than
-    the original and copies no cached output."""
+    the default granularity="step"), and a call where every site skips a few more than the
+    original's outside the sites. Neither copies a branch output: an eager run holds its caches as
+    lists of rows, and a computed output becomes its cache row (and the old row ``prev`` when
+    forecasting) without a copy."""
     arch = ARCHS["ref_dit"]
     ref = arch.build()
     model = lazypass.apply(copy.deepcopy(ref), reuse=reuse)
@@ -213,13 +214,11 @@ def test_eager_bookkeeping_is_a_few_ops_per_site_and_one_write_per_computed_outp
     never, never_bytes = _dispatched(run(model, 1.5))
     always, always_bytes = _dispatched(run(model, -0.5))
     # threshold, slot, timestep; the gate, its host read, the group's state; the records
-    per_call = 120
+    per_call = 90
     assert never - original <= per_call + 8 * sites, (never, original)
     assert always < never and always - original <= per_call + 6 * sites, (always, original)
-    copies = 2 if reuse == "forecast" else 1
-    small = 4096  # per-row state: flags, ages, timesteps, token means
-    assert out_bytes * copies <= never_bytes <= out_bytes * copies + small
-    assert always_bytes <= small
+    small = 4096  # per-row state written in place: valid flags, last timestep, call index
+    assert out_bytes > small and never_bytes <= small and always_bytes <= small, (never_bytes, always_bytes)
 
 
 @pytest.mark.parametrize("granularity,groups", [("step", 1), (2, 2), ("site", 4)])

@@ -540,8 +540,7 @@ def _pure(node: fx.Node) -> bool:
     (which the state writes before the conditional may change)."""
     if node.op != "call_function" or not node.users:
         return False
-    if node.target is not operator.getitem and not (isinstance(node.target, torch._ops.OpOverload)
-                                                    and not node.target._schema.is_mutable):
+    if node.target is not operator.getitem and not _op(node):
         return False
     return not any(a.op == "placeholder" and a.name.startswith("lazy_") or a.target is _row
                    for a in node.all_input_nodes)

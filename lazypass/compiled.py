@@ -190,7 +190,7 @@ def compiled_call(rt, args: tuple, kwargs: dict):
     live = rt.live[key]
     grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in leaves)
     with torch.set_grad_enabled(grad):
-        outs = prog.core(*leaves, live.threshold, *live.tensors)
+        outs = (prog.compiled or prog.core)(*leaves, live.threshold, *live.tensors)
     n = prog.n_user_outputs
     with torch.no_grad():
         slot = torch.remainder(live.count, RECORDS).reshape(1)

@@ -29,7 +29,8 @@ from lazypass.context import Run, bind, bound, bound_runs, unbind
 from lazypass.gates import LazyGates
 from lazypass.hooks import cache_hook_error
 from lazypass.live import Watch
-from lazypass.passes import INFERENCE, TRAINING, NoSitesError, Site, StateSpec, eager_twin, run_passes
+from lazypass.passes import (INFERENCE, TRAINING, NoSitesError, Site, StateSpec, compiled_writes, eager_twin,
+                             run_passes)
 from lazypass.passes.match_sites import site_records
 from lazypass.sitemap import GateView, gate_index, gate_keys, site_keys, unknown_sites_error, untouched
 from lazypass.timesteps import check_timestep_arg, timestep_index
@@ -62,6 +63,7 @@ class Program:
     mode: str = "hard"
     timestep: int | None = None
     gate_index: list[int] | None = None
+    compiled: fx.GraphModule | None = None  # what dynamo traces: ``core`` writing only computed rows
 
 
 _PASSES = {"hard": INFERENCE, "soft": TRAINING}
@@ -240,7 +242,8 @@ class Runtime:
         sites = site_records(info)
         index = info.gates.index if isinstance(info.gates, GateView) else None
         return Program(key, gm, eager_twin(gm), out_spec, sites, info.model_macs, info.state_specs,
-                       info.n_user_outputs, info.batch, mode, t_index, index)
+                       info.n_user_outputs, info.batch, mode, t_index, index,
+                       compiled_writes(gm) if mode == "hard" else None)
 
     def _gates(self, info, key, args, kwargs) -> LazyGates | GateView:
         """The gates for a traced graph: all of them, or a view of the ones of its sites."""

@@ -8,7 +8,7 @@ import torch
 
 import lazypass
 from lazypass.runtime import traced_program
-from tests.archs import ARCHS, random_gates
+from tests.archs import ARCHS, MIXED_GATE_SEED, random_gates
 
 STEPS = (999, 900, 800, 700, 600, 999, 900)  # two runs: the timestep rises at the sixth call
 
@@ -19,7 +19,7 @@ def _lazy(name):
     args, kwargs = arch.inputs(2, STEPS[0], 0)
     with torch.no_grad():
         model(*args, **kwargs)
-    random_gates(model)
+    random_gates(model, MIXED_GATE_SEED.get(name, 1))
     return arch, model, args, kwargs
 
 

@@ -254,7 +254,8 @@ def test_gates_are_registered_parameters_and_caches_are_not_state():
                          ids=["defaults", "forecast-groups", "copy-all-skip"])
 def test_cond_graph_and_eager_twin_agree(name, options):
     """The graph compilers and exporters see (cond HOPs) computes what eager mode runs, also where
-    the twin leaves a follower site's norm and modulation out of calls that skip it."""
+    the twin leaves a follower site's norm and modulation out of calls that skip it, and so does
+    the graph dynamo traces (cache writes by ``put_rows``)."""
     arch = ARCHS[name]
     model = lazypass.apply(arch.build(), **options)
     args, kwargs = arch.inputs(4, 900, 0)
@@ -267,6 +268,7 @@ def test_cond_graph_and_eager_twin_agree(name, options):
     state = [spec.initial("cpu") for spec in prog.state_specs[1:]]
     threshold = torch.tensor(options.get("threshold", 0.5))
     twin_state = [s.clone() for s in state]
+    compiled_state = [s.clone() for s in state]
     rows = rt.fresh_state(prog, torch.device("cpu")).tensors  # what eager runs hold: some states as lists of rows
     assert any(isinstance(r, list) for r in rows)
     n = prog.n_user_outputs
@@ -275,6 +277,9 @@ def test_cond_graph_and_eager_twin_agree(name, options):
             args, kwargs = arch.inputs(4, t, 0)
             _, leaves = rt.program_for(args, kwargs)
             a = prog.core(*leaves, threshold, *state)
+            c = prog.compiled(*leaves, threshold, *compiled_state)
+            assert all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
+            assert all(torch.equal(x, y) for x, y in zip(state, compiled_state, strict=True))
             for s in (twin_state, rows):
                 b = prog.eager(*leaves, threshold, *s)
                 b = (*b[:n], *b[n])  # the twin's records come computed when read

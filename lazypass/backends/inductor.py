@@ -35,7 +35,7 @@ from lazypass.checkpoint import read_gates
 from lazypass.compiled import is_state_tensor
 from lazypass.config import LazyConfig
 from lazypass.gates import LazyGates
-from lazypass.passes import ANALYSIS, INFERENCE, graph_info, run_passes
+from lazypass.passes import ANALYSIS, INFERENCE, compiled_writes, graph_info, run_passes
 
 log = logging.getLogger(__name__)
 NAME = "lazydit"
@@ -102,7 +102,7 @@ def _lazy_compile(gm: fx.GraphModule, example_inputs: list, cfg: LazyConfig, gat
     device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
     gates, threshold = _gates(gates, info.layout, cfg)
     info.gates = gates.to(device).requires_grad_(False)
-    gm = run_passes(gm, cfg, INFERENCE)
+    gm = compiled_writes(run_passes(gm, cfg, INFERENCE))
     _name_new_params(gm)
     state = [torch.tensor(threshold, dtype=torch.float32, device=device)]
     state += [spec.initial(device) for spec in info.state_specs[1:]]

@@ -2,7 +2,7 @@
 
 ``ANALYSIS`` finds the sites and attaches a :class:`GraphInfo`; ``INFERENCE`` (gated
 conditionals with cache state) or ``TRAINING`` (the soft blend of fitting) rewrites them.
-``eager_twin`` makes the copy that eager calls run.
+``eager_twin`` makes the copy that eager calls run, ``compiled_writes`` the one dynamo traces.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from lazypass.config import LazyConfig
+from lazypass.passes.compiled_writes import compiled_writes
 from lazypass.passes.eager_twin import eager_twin
 from lazypass.passes.functionalize import functionalize
 from lazypass.passes.info import GraphInfo, Match, Site, StateSpec, graph_info
@@ -33,5 +34,5 @@ def run_passes(gm: fx.GraphModule, cfg: LazyConfig, passes) -> fx.GraphModule:
 
 
 __all__ = ["ANALYSIS", "INFERENCE", "TRAINING", "run_passes", "functionalize", "prune", "match_sites",
-           "insert_gates", "soft_blend", "eager_twin", "graph_info",
+           "insert_gates", "soft_blend", "eager_twin", "compiled_writes", "graph_info",
            "GraphInfo", "Site", "StateSpec", "Match", "NoSitesError"]

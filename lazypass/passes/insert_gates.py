@@ -17,8 +17,9 @@ B = samples per call, all listed with their initial values in ``graph_info(gm).s
 and updates the state tensors *in place* (``copy_`` / ``index_copy_``, one cache slot per
 call, like gpt-fast's KV cache): eager mode writes one slot and nothing more, compiled
 graphs keep static buffers (CUDA graphs), and ``torch.export`` functionalises the writes
-into explicit inputs/outputs.  After the user's outputs the graph returns ``skipped``
-(sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the branch was not
+into explicit inputs/outputs.  Each site's cache writes carry a ``Write`` (``WRITE`` meta),
+from which ``compiled_writes`` makes the graph dynamo traces write only computed rows.
+After the user's outputs the graph returns ``skipped`` (sites, B) bool, ``saved`` (sites,) bool (the whole batch skipped, so the branch was not
 computed), ``scores`` (sites, B) f32 and ``computed`` (sites,) f32 (the share of rows
 computed).  The k-th call at the same timestep uses cache slot k; a call past K computes
 in full and leaves its slot invalid.
@@ -63,6 +64,22 @@ SLOT = "lazy_slot"  # node.meta key of the node that holds this call's cache slo
 FLAGS = "lazy_flags"  # on a group's (B,) skip: its (all, any) and the rows' valid flags (read on the host by the eager twin)
 ROWS = "lazy_rows"  # on where(mask of flags, a, b): the (B,) flags; a if all are set, b if none is
 RECORD = "lazy_record"  # on the per-call records (skipped, saved, scores, computed) the graph returns last
+WRITE = "lazy_write"  # on a site's cache write: a ``Write`` (``passes/compiled_writes.py`` reads it)
+
+
+@dataclass
+class Write:
+    """What a site's cache write does: rows that computed (``skip`` unset) store ``new``; with
+    ``prev`` (forecast), their old cache row first moves to ``prev`` where ``valid`` (else ``new``
+    goes there too). ``nodes`` are the graph's writes that carry it out."""
+
+    cache: fx.Node
+    prev: fx.Node | None
+    slot: fx.Node
+    skip: fx.Node
+    valid: fx.Node | None
+    new: fx.Node
+    nodes: list[fx.Node]
 
 
 @dataclass
@@ -179,7 +196,7 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
         return call(aten.squeeze.dim, call(aten.index_select.default, state, 0, slot), 0)
 
     def put(state, new):
-        call(aten.index_copy_.default, state, 0, slot, call(aten.unsqueeze.default, new, 0))
+        return call(aten.index_copy_.default, state, 0, slot, call(aten.unsqueeze.default, new, 0))
 
     def rows_where(d, flags, row_shape, a, b):
         """``where(flags per row, a, b)`` over a site's rows; the eager twin skips it when the flags
@@ -256,11 +273,13 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             compacts = cfg.compacts(batch)
             reuse, decide_, counted = _branches(gm, m, i, [value(c).dtype for c in st.caches], batch, forecast,
                                                 "compact" if compacts else "full")
-            if forecast:  # this call's rows, which the writes below read too, go to the branches
+            # whole caches go in and the branch that reuses them reads this call's rows itself: a
+            # row read outside would be a cond operand, which a compiler must materialize (a copy
+            # per cache and call), while a read inside fuses into the forecast
+            operands = tuple(m.operands + st.caches + st.prevs + [slot, skip, d.anyone]
+                             + ([d.factor] if forecast else []))
+            if forecast:  # this call's rows, for the writes below
                 olds, prev_rows = [row(c) for c in st.caches], [row(p) for p in st.prevs]
-                operands = tuple(m.operands + olds + prev_rows + [slot, skip, d.anyone, d.factor])
-            else:  # read inside the branch that reuses them
-                operands = tuple(m.operands + st.caches + [slot, skip, d.anyone])
             cond = call(torch.ops.higher_order.cond, d.everyone, reuse, decide_, operands)
             n_out = len(m.streams)
             outs = [call(operator.getitem, cond, j) for j in range(n_out)]
@@ -271,7 +290,9 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
             # output of a skipped row is its cache, so the plain write leaves it unchanged, and the
             # eager twin leaves out the write when the branch returned the cache itself)
             for j, (cache, out, stream) in enumerate(zip(st.caches, outs, m.streams)):
-                src = out if value(stream.y).dtype == value(cache).dtype else _cast(call, out, value(cache).dtype)
+                same = value(stream.y).dtype == value(cache).dtype
+                src = new = out if same else _cast(call, out, value(cache).dtype)
+                writes = []
                 if forecast:
                     rows = value(cache).shape[1:]
                     old = olds[j]
@@ -279,9 +300,11 @@ def insert_gates(gm: fx.GraphModule, cfg: LazyConfig) -> fx.GraphModule:
                     # new output as ``prev`` too: the forecast factor is 0 then, and 0 * (c - NaN)
                     # would still be NaN
                     before = rows_where(d, valid, rows, old, src)
-                    put(st.prevs[j], rows_where(d, skip, rows, prev_rows[j], before))
+                    writes.append(put(st.prevs[j], rows_where(d, skip, rows, prev_rows[j], before)))
                     src = rows_where(d, skip, rows, old, src)
-                put(cache, src)
+                writes.append(put(cache, src))
+                writes[-1].meta[WRITE] = Write(cache, st.prevs[j] if forecast else None, slot, skip,
+                                               valid if forecast else None, new, writes)
             if last_site[leader] == i:
                 write_group(groups[leader], d)
         for out, s in zip(outs, m.streams):
@@ -377,11 +400,6 @@ def _read(g: fx.Graph, cache: fx.Node, slot: fx.Node, dtype: torch.dtype, cache_
     return g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
 
 
-def _cast_in(g: fx.Graph, row: fx.Node, dtype: torch.dtype, cache_dtype: torch.dtype) -> fx.Node:
-    """A cache row (an operand) in the branch output dtype."""
-    return row if dtype == cache_dtype else g.call_function(aten._to_copy.default, (row,), {"dtype": dtype})
-
-
 def _module(gm: fx.GraphModule, name: str, g: fx.Graph) -> fx.Node:
     setattr(gm, name, fx.GraphModule(torch.nn.Module(), g))
     return gm.graph.get_attr(name)
@@ -439,8 +457,7 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
     them back.
     """
     n_out = len(m.streams)
-    # the caches (K, rows, ...) and the slot; forecasting, this call's rows of the caches and
-    # previous outputs (rows, ...), which the state writes after the cond read anyway
+    # the caches (K, rows, ...), forecasting the previous outputs (K, rows, ...) too, and the slot
     names = tuple(f"cache_{j}" for j in range(n_out))
     if forecast:
         names += tuple(f"prev_{j}" for j in range(n_out))
@@ -452,10 +469,9 @@ def _branches(gm, m, i, cache_dtypes, batch, forecast: bool, batch_compute: str 
         by_name = dict(zip(names, inputs))
         out = []
         for j, (s, d) in enumerate(zip(m.streams, dtypes)):
-            if forecast:  # the operands are this call's rows
-                c, p = (_cast_in(g, by_name[f"{name}_{j}"], *d) for name in ("cache", "prev"))
-            else:
-                c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
+            c = _read(g, by_name[f"cache_{j}"], by_name["slot"], *d)
+            if forecast:
+                p = _read(g, by_name[f"prev_{j}"], by_name["slot"], *d)
             if forecast:
                 f = _row_mask(_on(g), by_name["factor"], shape(s.y), batch)
                 if d[0] != torch.float32:
@@ -681,10 +697,8 @@ def _runs_on_meta(gm, g: fx.Graph, computed, m, names, batch: int, size: int) ->
                    "skip": torch.zeros(batch, dtype=torch.bool, device="meta"),
                    "anyone": torch.zeros((), dtype=torch.bool, device="meta"),
                    "factor": torch.zeros(batch, dtype=torch.float32, device="meta")}
-        rows = "factor" in names  # forecast: the branches get this call's rows, not the state
         for j, s in enumerate(m.streams):
-            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty(shape(s.y) if rows else (1, *shape(s.y)),
-                                                                      device="meta")
+            by_name[f"cache_{j}"] = by_name[f"prev_{j}"] = torch.empty((1, *shape(s.y)), device="meta")
         inputs += [by_name[name] for name in names]
         outs = fx.Interpreter(fx.GraphModule(torch.nn.Module(), check)).run(*inputs)
     except Exception as e:  # any op the gathered rows do not fit

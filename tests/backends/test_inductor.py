@@ -7,7 +7,8 @@ reference DiT, and the diffusers models under real Inductor are marked slow.
 
 Host reads: the graphs hold none; Inductor's wrapper reads each conditional's predicate
 (``if pred.item():``), which the real-Inductor tests count in the generated code and at
-run time instead of denying.
+run time instead of denying, and each site's cache write (``lazypass::put_rows``) reads its
+slot and row flags once per call (``tolist``), also counted.
 """
 
 import copy
@@ -93,23 +94,29 @@ def _check_output_code(codes, n_sites):
 
 
 def _count_predicate_reads(compiled, model, arch, seed=40):
-    """Run one trajectory and count the ``Tensor.item`` calls the compiled code makes."""
-    reads = []
-    item = torch.Tensor.item
+    """Run one trajectory and count the ``Tensor.item`` and ``Tensor.tolist`` calls the compiled
+    code makes."""
+    reads = {"item": 0, "tolist": 0}
+    real = {name: getattr(torch.Tensor, name) for name in reads}
 
-    def counting(self):
-        reads.append(1)
-        return item(self)
+    def counting(name):
+        def read(self, *args):
+            reads[name] += 1
+            return real[name](self, *args)
+        return read
 
     lazypass.reset(model)
     lazypass.set_threshold(model, 0.5)
-    with mock.patch.object(torch.Tensor, "item", counting):
+    with mock.patch.object(torch.Tensor, "item", counting("item")), \
+            mock.patch.object(torch.Tensor, "tolist", counting("tolist")):
         for k, t in enumerate(TIMESTEPS):
             _step(compiled, arch, t, seed + k)
     saved = lazypass.stats(model).saved
     assert saved.any() and not saved.all(), "random gates gave no mix of reused and computed sites"
     # one read per conditional executed: the outer one per site, the inner one unless all reused
-    assert len(reads) == int((2 - saved).sum())
+    assert reads["item"] == int((2 - saved).sum())
+    # one read per cache write: per site (each writes its streams' caches) and call
+    assert reads["tolist"] == _writes(lazypass.runtime.traced_program(model)) * len(TIMESTEPS)
 
 
 def _targets(graph):
@@ -185,11 +192,24 @@ def _check_graph(graph, n_sites):
     assert not HOST_SYNC & set(targets)
 
 
-def _check_post_grad(graphs, n_sites):
-    """The graphs Inductor lowers (the outer one and the branch subgraphs): conds kept whole."""
+PUT_ROWS = torch.ops.lazypass.put_rows.default
+
+
+def _writes(program) -> int:
+    """The cache writes (``put_rows``) in the graph dynamo traces."""
+    return _targets(program.compiled.graph).count(PUT_ROWS)
+
+
+def _check_post_grad(graphs, n_sites, n_writes=None):
+    """The graphs Inductor lowers (the outer one and the branch subgraphs): conds kept whole,
+    and the cache writes of a lazy model left as ``put_rows`` calls, re-inplaced (no
+    functionalized copy of the caches)."""
     outer = max(graphs, key=lambda g: len(g.nodes))
     assert _targets(outer).count(COND) == n_sites
     assert not any(HOST_SYNC & set(_targets(g)) for g in graphs)
+    if n_writes is not None:
+        assert _targets(outer).count(PUT_ROWS) == n_writes
+        assert not any("auto_functionalized" in str(t) for t in _targets(outer))
 
 
 # -- registration and options ------------------------------------------------------------
@@ -240,7 +260,7 @@ def _real_inductor(name):
         model, compiled = _scenario(arch, counting, lambda: len(compiles))
     n_sites = len(model.lazy_gates.layout)
     _check_graph(compiles[0].graph, n_sites)
-    _check_post_grad(post_grad.graphs, n_sites)
+    _check_post_grad(post_grad.graphs, n_sites, _writes(lazypass.runtime.traced_program(model)))
     _check_output_code(code.codes, n_sites)
     _count_predicate_reads(compiled, model, arch)
     assert len(compiles) == 1

@@ -1,0 +1,104 @@
+"""Cache writes for compiled calls: only the rows that computed are written.
+
+``insert_gates`` writes every site's cache with ``index_copy_`` of ``where(skip, old row, new
+output)`` after the site's ``cond``: a plain graph (torch.export, ONNX, TensorRT) has no way to
+write a state only where a branch ran, since ``cond`` branches may not mutate their inputs. So
+a call where every row skipped still reads the cache, the previous output and the branch
+output and writes the cache and the previous output back unchanged: with Inductor that was
+most of such a call's time on the CPU (DiT-S/2: ~7 MB moved per site and call), and it costs
+as much on every computing call too.
+
+This pass, for the graph dynamo traces (``lazypass/compiled.py``), replaces those writes by
+one call per site of ``lazypass::put_rows``, an in-place op that Inductor leaves as it is
+(auto-functionalized, then re-inplaced): it writes nothing when every row skipped, and moves
+each written row once otherwise. The values the state holds afterwards are the same, row by
+row, as those of the writes it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from lazypass.passes.insert_gates import WRITE
+
+
+# torch.library.custom_op would cost ~65 us per call in Python wrappers, 24 times per DiT-S/2 call;
+# a plain definition with a CompositeExplicitAutograd kernel costs ~5 us
+_LIB = torch.library.Library("lazypass", "DEF")
+_LIB.define("put_rows(Tensor(a!) cache, Tensor(b!)? prev, Tensor slot, Tensor skip, Tensor? valid, Tensor new) -> ()")
+
+
+def put_rows(cache: torch.Tensor, prev: torch.Tensor | None, slot: torch.Tensor, skip: torch.Tensor,
+             valid: torch.Tensor | None, new: torch.Tensor) -> None:
+    """Rows that computed (``skip`` unset) of ``cache[slot]`` take ``new``; with ``prev``, their
+    old cache row first goes to ``prev[slot]`` where ``valid`` (``new`` where not)."""
+    # slot and flags in one host read per site and call (a device sync on a GPU, like the cond's)
+    flags = [skip] if valid is None else [skip, valid]
+    host = torch.cat([slot.reshape(-1)[:1], *(f.to(slot.dtype) for f in flags)]).tolist()
+    s, skips, fresh = host[0], host[1:1 + len(skip)], host[1 + len(skip):]
+    if all(skips):
+        return
+    row, rows_per_sample = cache[s], cache.shape[1] // len(skips)
+    if prev is not None:
+        if not any(skips) and all(fresh):
+            prev[s].copy_(row)
+        else:
+            keep = _mask(skip, row, rows_per_sample)
+            prev[s].copy_(torch.where(keep, prev[s], torch.where(_mask(valid, row, rows_per_sample), row, new)))
+    if not any(skips):
+        row.copy_(new)
+    else:
+        row.copy_(torch.where(_mask(skip, row, rows_per_sample), row, new))
+
+
+_LIB.impl("put_rows", put_rows, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("lazypass::put_rows")
+def _(cache, prev, slot, skip, valid, new) -> None:
+    return None
+
+
+def _mask(flags: torch.Tensor, row: torch.Tensor, per_sample: int) -> torch.Tensor:
+    """(B,) flags over a cache row's rows (samples' frames folded into the leading dim, sample-major)."""
+    if per_sample != 1:
+        flags = flags.repeat_interleave(per_sample)
+    return flags.reshape(-1, *[1] * (row.dim() - 1))
+
+
+def compiled_writes(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of the inference graph ``gm`` (same submodules) whose cache writes are ``put_rows``.
+
+    Example:
+        >>> import torch, lazypass
+        >>> from lazypass.models import tiny_dit
+        >>> from lazypass.passes.compiled_writes import compiled_writes
+        >>> x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([999, 999]), torch.tensor([1, 2])
+        >>> model = lazypass.apply(tiny_dit(), example_inputs=(x, t, y))
+        >>> core = lazypass.runtime.runtime(model).program_for((x, t, y), {})[0].core
+        >>> sum(n.target is torch.ops.lazypass.put_rows.default for n in compiled_writes(core).graph.nodes)
+        4
+    """
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    for node in list(gm.graph.nodes):
+        w = node.meta.get(WRITE)
+        if w is None:
+            continue
+        with graph.inserting_after(env[node]):
+            new = graph.call_function(torch.ops.aten.detach.default, (env[w.new],))  # no autograd through state
+        with graph.inserting_after(new):
+            args = [env[w.cache], env[w.prev] if w.prev is not None else None, env[w.slot], env[w.skip],
+                    env[w.valid] if w.valid is not None else None, new]
+            graph.call_function(torch.ops.lazypass.put_rows.default, tuple(args))
+        for write in w.nodes:
+            graph.erase_node(env[write])
+    graph.eliminate_dead_code()
+    out = fx.GraphModule(gm, graph)
+    out.meta = dict(gm.meta)
+    for attr in ("_in_spec", "_out_spec"):
+        if hasattr(gm, attr):
+            setattr(out, attr, getattr(gm, attr))
+    return out

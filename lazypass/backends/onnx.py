@@ -129,7 +129,7 @@ def export_onnx(
     if flavour == "dynamic":
         _set_meta(proto, io, "dynamic")
         return _save([(path, proto)])
-    return _static(proto, io, sched, path)
+    return _static(proto, io, sched, path, rt.cfg.group_of(len(prog.sites)))
 
 
 # -- arguments -----------------------------------------------------------------------
@@ -475,6 +475,7 @@ def _readable(path):
 
 def _schedule(model, prog, schedule) -> np.ndarray:
     from lazypass.report import Stats, stats
+    from lazypass.runtime import runtime
 
     if schedule is None:
         schedule = stats(model)
@@ -498,6 +499,14 @@ def _schedule(model, prog, schedule) -> np.ndarray:
         raise ExportError(f"the schedule has {sched.shape[1]} sites, the model {len(prog.sites)}")
     if sched.shape[0] and sched[0].any():
         raise ExportError("the schedule skips at the first call of a run, when no cache holds anything yet")
+    cfg = runtime(model).cfg
+    split = [k for k, row in enumerate(sched) if (row != row[cfg.group_of(len(prog.sites))]).any()]
+    if split:
+        raise ExportError(
+            f"schedule row {split[0]} decides differently for sites of one decision group (granularity="
+            f"{cfg.granularity!r}: the sites of a group share one decision); give every site of a group the "
+            "same value, or apply the model with granularity='site' for per-site schedules"
+        )
     return sched
 
 
@@ -518,10 +527,10 @@ def _fix_conditions(graph, value: bool, tag: str, counter: list) -> None:
                 _fix_conditions(attr.g, value, tag, counter)
 
 
-def _pattern_graph(proto, pattern) -> "onnx.ModelProto":
+def _pattern_graph(proto, pattern, leaders) -> "onnx.ModelProto":
     """The dynamic graph with each site's decision fixed: ``True`` takes the reuse branch,
-    ``False`` the compute branch (the else branch of every nested ``If``); the optimiser
-    inlines the branches."""
+    ``False`` the compute branch (the else branch of every nested ``If``), and the rows' skip
+    flags that the state writes read follow the pattern too; the optimiser inlines the branches."""
     import onnx
     import onnxscript
 
@@ -530,6 +539,7 @@ def _pattern_graph(proto, pattern) -> "onnx.ModelProto":
     sites = [n for n in model.graph.node if n.op_type == "If"]
     if len(sites) != len(pattern):
         raise RuntimeError(f"internal: {len(sites)} top-level If nodes for {len(pattern)} sites")
+    _fix_decisions(model.graph, [pattern[lead] for lead in sorted(set(leaders))])
     counter = [0]
     for node, skip in zip(sites, pattern):
         name = f"lazypass_site_{counter[0]}"
@@ -545,6 +555,35 @@ def _pattern_graph(proto, pattern) -> "onnx.ModelProto":
     if _count_if(model.graph):
         raise RuntimeError("internal: a conditional is left in a static graph")
     return model
+
+
+def _fix_decisions(graph, decisions: list[bool]) -> None:
+    """Each decision group's ``score > threshold`` (``Greater(logit, logit of the threshold)``, one per
+    group in graph order) compares against a constant instead: -inf where the group reuses (every row
+    whose cache may be used skips, as the eager model forced to the schedule does), +inf where it
+    computes. The threshold is then read by nothing and leaves the graph."""
+    import onnx
+
+    consumers: dict[str, list] = {}
+    for n in graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n)
+    bar, frontier = None, ["lazy_threshold"]
+    for _ in range(4):  # clamp, log / log1p, sub: the logit of the threshold
+        frontier = [o for v in frontier for n in consumers.get(v, []) for o in n.output]
+        hits = [v for v in frontier if any(n.op_type == "Greater" for n in consumers.get(v, []))]
+        if hits:
+            bar = hits[0]
+            break
+    compares = [n for n in consumers.get(bar, []) if n.op_type == "Greater" and list(n.input)[1] == bar]
+    if bar is None or len(compares) != len(decisions):
+        raise RuntimeError(f"internal: {len(compares)} threshold comparisons for {len(decisions)} decision groups")
+    for k, (node, reuse) in enumerate(zip(compares, decisions)):
+        name = f"lazypass_bar_{k}"
+        value = -math.inf if reuse else math.inf
+        graph.node.insert(list(graph.node).index(node), onnx.helper.make_node(
+            "Constant", [], [name], value=onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [value])))
+        node.input[1] = name
 
 
 def _count_if(graph) -> int:
@@ -618,7 +657,7 @@ def _outer_reads_all(graph) -> list[str]:
     return names
 
 
-def _static(proto, io, sched, path):
+def _static(proto, io, sched, path, leaders):
     """One graph per distinct row of the schedule, sharing one external weight file."""
     import onnx
 
@@ -630,7 +669,7 @@ def _static(proto, io, sched, path):
         if row not in patterns:
             patterns.append(row)
         index.append(patterns.index(row))
-    graphs = [_pattern_graph(proto, p) for p in patterns]
+    graphs = [_pattern_graph(proto, p, leaders) for p in patterns]
 
     # state the patterns need: what user outputs read, closed under "next state reads state"
     state = {s["name"]: s for s in io["state"]}

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import lazypass
-from lazypass.runtime import NotTracedError, traced_program
+from lazypass.runtime import NotTracedError, runtime, traced_program
 from lazypass.sampling import ddim_step, ddim_timesteps
 from tests.archs import ARCHS, MIXED_GATE_SEED, random_gates
 
@@ -42,9 +42,9 @@ STEPS = 10
 TOL = 1e-4
 
 
-def _lazy(name, seed=1):
+def _lazy(name, seed=1, **options):
     arch = ARCHS[name]
-    model = lazypass.apply(arch.build())
+    model = lazypass.apply(arch.build(), **options)
     args, kwargs = arch.inputs(2, 999, 0)
     lazypass.trace(model, *args, **kwargs)
     random_gates(model, seed)
@@ -301,6 +301,10 @@ def test_static_needs_a_schedule(tmp_path):
     with pytest.raises(ValueError, match="first call"):
         lazypass.export_onnx(model, str(tmp_path / "m.onnx"), example_inputs=args, flavour="static",
                              schedule=np.ones((3, 4), bool))
+    # with the default granularity="step" every site shares the call's one decision
+    split = np.array([[0, 0, 0, 0], [1, 0, 1, 0]], bool)
+    with pytest.raises(ValueError, match="row 1 decides differently for sites of one decision group"):
+        lazypass.export_onnx(model, str(tmp_path / "m.onnx"), example_inputs=args, flavour="static", schedule=split)
     _assert_nothing_written(tmp_path)
 
 
@@ -355,12 +359,14 @@ def _forced(model, schedule):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ref_dit", "sd3"])
-def test_static_flavour_equals_the_eager_model_on_its_schedule(name, tmp_path):
-    arch, model, args, kwargs = _lazy(name)
+@pytest.mark.parametrize("name,granularity", [("ref_dit", "site"), ("sd3", "site"), ("ref_dit", "step")])
+def test_static_flavour_equals_the_eager_model_on_its_schedule(name, granularity, tmp_path):
+    arch, model, args, kwargs = _lazy(name, granularity=granularity)
     sites = len(traced_program(model).sites)
     rows = [[0] * sites, [1, 0] * sites, [0, 1] * sites, [1] * sites, [0] * sites, [1] * sites, [1, 0] * sites]
     schedule = np.array([r[:sites] for r in rows], bool)
+    if granularity == "step":  # one decision per call: every site follows the first
+        schedule = np.repeat(schedule[:, :1], sites, axis=1)
     path = str(tmp_path / f"{name}.onnx")
     files = lazypass.export_onnx(model, path, example_inputs=args, example_kwargs=kwargs, flavour="static",
                                  schedule=schedule)
@@ -371,7 +377,10 @@ def test_static_flavour_equals_the_eager_model_on_its_schedule(name, tmp_path):
         onnx.checker.check_model(proto)
         assert not [n for n in proto.graph.node if n.op_type == "If"]
         names = {i.name for i in proto.graph.input}
-        assert not any(n.startswith("lazy_valid") or n == "lazy_threshold" for n in names)
+        # the schedule decides: no threshold; the valid flags stay only where a forecast reads them
+        # (a run's first call leaves no previous output)
+        assert "lazy_threshold" not in names
+        assert runtime(model).cfg.reuse == "forecast" or not any(n.startswith("lazy_valid") for n in names)
     for rt in ("onnxruntime", "mnn") if HAS_MNN else ("onnxruntime",):
         runner = lazypass.onnx.load(path, runtime=rt)
         err, st, skipped = trajectories(arch, model, runner, before=_forced(model, schedule))

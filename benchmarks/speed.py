@@ -139,7 +139,6 @@ def bench(name, args):
         for k, fn in variants.items():
             times[k].append(fn())
     med = {k: statistics.median(v) for k, v in times.items()}
-    lazypass.set_threshold(lazy, 0.5)
 
     skipped_macs = {}
     for r in RATIOS:

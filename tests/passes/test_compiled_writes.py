@@ -4,8 +4,11 @@ import pytest
 import torch
 
 import lazypass  # noqa: F401  (defines the op)
+from lazypass.passes.compiled_writes import host_flags
 
-put_rows = torch.ops.lazypass.put_rows
+
+def put_rows(cache, prev, slot, skip, valid, new):
+    torch.ops.lazypass.put_rows(cache, prev, host_flags(slot, skip, valid), new)
 
 
 def _reference(cache, prev, slot, skip, valid, new, per_sample):

@@ -28,7 +28,12 @@ efficiency = measured speedup (site-gated lazydit 0% / r%) over the ideal speedu
 (model MACs / MACs left), goal >= 0.95. All variants take turns within every repeat
 (interleaved); medians.
 
+``--tune-allocator`` calls lazypass.tune_cpu_allocator() first (glibc keeps freed memory: the
+buffers each ``cond`` branch allocates then reuse pages instead of faulting fresh ones). It
+changes the whole process, so compare it with a second run without the flag.
+
     PYTHONPATH=$PWD python benchmarks/speed.py [--models DiT-S/2 DiT-B/2] [--repeats 9] [--e2e-repeats 3]
+                                               [--tune-allocator]
 """
 
 import argparse
@@ -80,7 +85,7 @@ class _Pointwise(torch.nn.Module):
         return x * 0.5
 
 
-def _outside_sites(model):
+def outside_sites(model):
     """The model with every attention and MLP branch replaced by a pointwise op."""
     out = copy.deepcopy(model)
     for block in out.blocks:
@@ -104,7 +109,7 @@ def bench(name, args):
 
     compiled, seconds = {}, {}
     with torch.no_grad():
-        for key, model, backend in [("inductor", original, "inductor"), ("outside", _outside_sites(original), "inductor"),
+        for key, model, backend in [("inductor", original, "inductor"), ("outside", outside_sites(original), "inductor"),
                                     ("lazydit", lazy, "lazydit"), ("sited", sited, "lazydit")]:
             start = time.perf_counter()
             compiled[key] = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
@@ -211,13 +216,18 @@ def main():
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads, 0: leave as is. 1 by default: on a shared, oversubscribed CPU, "
                              "OpenMP barriers between small kernels stall on descheduled threads and swamp the timings")
+    parser.add_argument("--tune-allocator", action="store_true",
+                        help="call lazypass.tune_cpu_allocator() first (process-wide; compare two runs)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = "default allocator"
+    if args.tune_allocator:
+        allocator = "allocator tuned" if lazypass.tune_cpu_allocator() else "allocator not tunable here (not glibc)"
 
     print(f"{_cpu()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"batch {args.batch}, 32x32x4 latents; medians of {args.repeats} interleaved repeats per step, "
-          f"{args.e2e_repeats} end to end", flush=True)
+          f"{args.e2e_repeats} end to end; {allocator}", flush=True)
     headers = ["model", "variant", "MACs skipped", "ms", "speedup measured / ideal", "skip efficiency"]
     results = {}
     for name in args.models:  # each model's table as soon as it is measured

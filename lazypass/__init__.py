@@ -7,6 +7,7 @@ except ImportError:  # a runner-only install (a phone, a server without torch): 
 
 if _torch is not None:
     from lazypass.checkpoint import load_gates, save_gates
+    from lazypass.cpu_allocator import tune_cpu_allocator
     from lazypass.config import LazyConfig
     from lazypass.gates import LazyGates
     from lazypass.passes import NoSitesError, Site
@@ -59,5 +60,6 @@ __all__ = [
     "tensorrt",
     "trace",
     "trajectory",
+    "tune_cpu_allocator",
 ]
 __version__ = "0.1.0"

@@ -75,8 +75,8 @@ def _mask(flags: list, row: torch.Tensor, per_sample: int) -> torch.Tensor:
 
 def host_flags(slot: torch.Tensor, skip: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
     """``put_rows``'s ``flags`` computed eagerly (the pass builds the same in the graph)."""
-    parts = [slot.reshape(-1)[:1], skip.to(torch.int64)] + ([valid.to(torch.int64)] if valid is not None else [])
-    return torch.cat(parts).cpu()
+    parts = [slot.reshape(-1)[:1]] + [skip] + ([valid] if valid is not None else [])
+    return torch.cat([p.to(torch.int64) for p in parts]).cpu()
 
 
 def _host_flags_node(graph: fx.Graph, slot: fx.Node, flags: list[fx.Node], device: torch.device) -> fx.Node:
@@ -118,8 +118,9 @@ def compiled_writes(gm: fx.GraphModule) -> fx.GraphModule:
         group = (w.slot, w.skip, w.valid)
         if group not in packed:
             flags = [env[f] for f in (w.skip, w.valid) if f is not None]
+            device = getattr(value(w.slot), "device", torch.device("cpu"))
             with graph.inserting_before(new):
-                packed[group] = _host_flags_node(graph, env[w.slot], flags, getattr(value(w.slot), "device", torch.device("cpu")))
+                packed[group] = _host_flags_node(graph, env[w.slot], flags, device)
         with graph.inserting_after(new):
             args = [env[w.cache], env[w.prev] if w.prev is not None else None, packed[group], new]
             graph.call_function(torch.ops.lazypass.put_rows.default, tuple(args))

@@ -6,7 +6,8 @@ blocks. glibc's malloc serves such sizes (megabytes: DiT-S/2's MLP hidden activa
 is 3 MB) with fresh pages, mapped on each allocation or trimmed off the heap on each free, so
 every branch call page-faults when it first touches them. Measured on the 2-core CPU: the bias
 fill of that buffer took 2.2 ms per block in a branch against 1.0 ms in the plain graph, and a
-0%-lazy ``lazydit`` call cost 1.08x plain Inductor (1.03x with :func:`tune_cpu_allocator`).
+0%-lazy ``lazydit`` call cost 1.056x plain Inductor (1.016x with :func:`tune_cpu_allocator`;
+``benchmarks/allocator.py``).
 GPUs are unaffected (PyTorch's caching allocator keeps freed blocks).
 """
 
